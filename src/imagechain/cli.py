@@ -1,0 +1,296 @@
+"""The command layer: parse, call the library, render progress, results and errors. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import datetime
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import Progress as RichBar
+from rich.table import Table
+
+from . import __version__
+from .address import open_point
+from .codec import CodecParams
+from .engine.backup import backup as run_backup
+from .engine.backup import check_block_size, check_split_size
+from .engine.restore import restore as run_restore
+from .engine.verify import verify as run_verify
+from .errors import ImagechainError, UsageError
+from .format import spec
+from .format.reader import PointFiles, PointReader
+from .identity import local_host
+from .lock import LOCK_DIR, inspect_lock
+from .repository import Repository
+from .sizes import human, parse_size
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class BarProgress:
+    """A rich progress bar on a terminal; notices go to stderr either way."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and err.is_terminal
+        self._bar: RichBar | None = None
+        self._task: Any = None
+
+    def start(self, label: str, total: int) -> None:
+        if not self.enabled:
+            return
+        self._bar = RichBar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
+        self._bar.start()
+        self._task = self._bar.add_task(label, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def notice(self, message: str) -> None:
+        err.print(f"notice: {message}", markup=False)
+
+
+def handle_errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except ImagechainError as e:
+            if debug:
+                traceback.print_exc()
+            err.print(f"imagechain: error: {e}", markup=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            err.print("imagechain: interrupted; nothing was published", markup=False)
+            sys.exit(130)
+        except OSError as e:
+            if debug:
+                traceback.print_exc()
+            err.print(f"imagechain: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), markup=False)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _size_option(value: str | None, check: Callable[[int], int]) -> int | None:
+    return None if value is None else check(parse_size(value))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(__version__, prog_name="imagechain")
+def main(debug: bool) -> None:
+    """Image-based backups of disk volumes as chains of full and incremental image files."""
+
+
+@main.command()
+@click.argument("source")
+@click.argument("repo")
+@click.option("--chain", default="default", show_default=True, help="Chain name; chains share nothing.")
+@click.option("--full", is_flag=True, help="Start a new chain generation with a full point.")
+@click.option("--block-size", help="Block size for a new chain (power of two, 4K..16M).  [default: 64K]")
+@click.option("--compression", help="zstd[:LEVEL], lz4 or none.  [default: zstd:3, or the chain's]")
+@click.option("--split-size", help="Largest image file; bigger points are split into segments (0: no limit).")
+@click.option("--host", "host_name", help="Host identity to file the backup under (default: this machine).")
+@click.option("--source-name", help="Name of the source in the repository (default: file/device name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
+def backup(source: str, repo: str, chain: str, full: bool, block_size: str | None, compression: str | None,
+           split_size: str | None, host_name: str | None, source_name: str | None, as_json: bool) -> None:  # fmt: skip
+    """Back up SOURCE (image file or block device) into the repository folder REPO."""
+    res = run_backup(
+        source, repo, chain=chain, full=full,
+        block_size=_size_option(block_size, check_block_size),
+        codec=CodecParams.parse(compression) if compression else None,
+        split_size=_size_option(split_size, check_split_size),
+        host=local_host(host_name) if host_name is not None else None, source_name=source_name,
+        progress=BarProgress(not as_json),
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(res.as_dict(), indent=1))
+        return
+    rate = res.read_bytes / res.duration_s if res.duration_s else 0
+    click.echo(
+        f"{res.kind} point {res.point_id[:8]} (#{res.sequence} of chain {res.chain!r}): "
+        f"read {human(res.read_bytes)}, changed {human(res.changed_bytes)} ({res.changed_blocks} blocks), "
+        f"stored {human(res.file_bytes)} in {len(res.files)} file(s), {res.duration_s:.1f} s, {human(rate)}/s"
+    )
+
+
+def _row(p: PointFiles, repo: Repository) -> dict[str, Any]:
+    h = p.header
+    with PointReader(repo.store, p) as r:
+        s = r.summary()
+    return {
+        "point_id": str(h.point_id), "chain_id": str(h.chain_id), "sequence": h.sequence,
+        "kind": "full" if h.kind == spec.KIND_FULL else "incremental",
+        "created": datetime.fromtimestamp(h.created_us / 1e6).astimezone().isoformat(timespec="seconds"),
+        "host": h.metadata.get("host"), "source": h.metadata.get("source"), "chain": h.metadata.get("chain"),
+        "volume_size": h.volume_size, "block_size": h.block_size,
+        "changed_bytes": s.get("changed_bytes"), "stored_bytes": s.get("stored_bytes"),
+        "file_bytes": sum(f.size for f in p.segments), "files": [f.name for f in p.segments],
+    }  # fmt: skip
+
+
+@main.command(name="list")
+@click.argument("repo")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def list_(repo: str, as_json: bool) -> None:
+    """List hosts, sources, chains and points in REPO."""
+    r = Repository.open(repo)
+    cat = r.catalog()
+    chains = sorted(cat.chains().values(), key=lambda pts: (str(pts[0].header.metadata.get("host")),
+                    str(pts[0].header.metadata.get("source")), str(pts[0].header.metadata.get("chain")),
+                    pts[0].header.created_us))  # fmt: skip
+    rows = [[_row(p, r) for p in pts] for pts in chains]
+    if as_json:
+        click.echo(json.dumps({"chains": rows, "incomplete": [{"files": f, "problem": w} for f, w in cat.problems],
+                               "leftovers": cat.leftovers}, indent=1))  # fmt: skip
+        return
+    if not rows:
+        out.print(f"no points in {repo}")
+    for pts in rows:
+        first = pts[0]
+        t = Table(title=f"{first['host']} / {first['source']} / {first['chain']}  (chain {first['chain_id'][:8]})",
+                  title_justify="left", box=None)  # fmt: skip
+        for col in ("#", "created", "kind", "volume", "changed", "stored", "point"):
+            t.add_column(col, justify="right" if col in ("#", "volume", "changed", "stored") else "left")
+        for p in pts:
+            t.add_row(str(p["sequence"]), p["created"], p["kind"], human(p["volume_size"]),
+                      human(p["changed_bytes"] or 0), human(p["file_bytes"]), p["point_id"][:8])  # fmt: skip
+        out.print(t)
+    for files, why in cat.problems:
+        err.print(f"notice: not a point: {why}", markup=False)
+    for name in cat.leftovers:
+        err.print(f"notice: leftover temporary file {name}", markup=False)
+
+
+@main.command()
+@click.argument("point")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def info(point: str, as_json: bool) -> None:
+    """Show a point's header, parent, digests and block statistics."""
+    res = open_point(point)
+    p, h = res.point, res.point.header
+    with PointReader(res.repo.store, p) as r:
+        summary = r.summary()
+    parent = res.catalog.points.get(h.parent_id) if h.parent_id else None
+    data = {
+        **_row(p, res.repo), "format": f"{spec.FORMAT_MAJOR}.{h.minor}",
+        "parent_id": str(h.parent_id) if h.parent_id else None,
+        "parent_file": parent.name if parent else h.metadata.get("parent_file"),
+        "parent_state_digest": h.parent_state.hex() if h.parent_id else None,
+        "state_digest": p.footer.state_digest.hex(), "host_id": h.host_id.hex(), "source_id": h.source_id.hex(),
+        "source_path": h.metadata.get("source_path"), "source_identity": h.metadata.get("source_identity"),
+        "compression": str(CodecParams(h.compression, h.compression_level)), "split_size": h.split_size,
+        "encryption": "none" if h.encryption == spec.ENCRYPTION_NONE else "aes-256-gcm",
+        "summary": summary,
+    }  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+        return
+    for k, v in data.items():
+        if k == "summary":
+            for sk, sv in v.items():
+                out.print(f"  {sk:<16} {sv}", markup=False)
+        else:
+            out.print(f"{k:<20} {v}", markup=False)
+
+
+@main.command()
+@click.argument("point")
+@click.argument("dest")
+@click.option("--delta", is_flag=True, help="Read DEST first and write only the blocks that differ.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file or device.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def restore(point: str, dest: str, delta: bool, force: bool, as_json: bool) -> None:
+    """Restore POINT to DEST (a file or block device), bit for bit."""
+    res = open_point(point)
+    r = run_restore(res.repo, res.point, dest, delta=delta, force=force, progress=BarProgress(not as_json))
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=1))
+        return
+    rate = r.volume_size / r.duration_s if r.duration_s else 0
+    click.echo(
+        f"restored point {r.point_id[:8]} to {dest}: {human(r.volume_size)}, wrote {human(r.written_bytes)} "
+        f"({r.written_blocks} blocks{', delta' if delta else ''}), {r.checked_blocks} block digests checked, "
+        f"state {r.state_digest[:16]} proven, {r.duration_s:.1f} s, {human(rate)}/s"
+    )
+
+
+@main.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def verify(target: str, as_json: bool) -> None:
+    """Verify a whole repository, or one point: structure, checksums, links and every block digest."""
+    import os
+
+    if "::" not in target and os.path.isdir(target):
+        repo, only, cat = Repository.open(target), None, None
+    else:
+        res = open_point(target)
+        repo, only, cat = res.repo, res.point, res.catalog
+    report = run_verify(repo, only, progress=BarProgress(not as_json), cat=cat)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=1))
+    else:
+        for p in report.points:
+            status = "ok" if p.ok else "FAILED"
+            click.echo(f"{status:6} {p.file} ({p.checked_blocks} blocks checked)")
+            for prob in p.problems:
+                click.echo(f"       {prob}")
+        for i in report.incomplete:
+            click.echo(f"FAILED not a point: {i}")
+        for name in report.leftovers:
+            click.echo(f"notice: leftover temporary file {name} (removed by the next backup of its chain)")
+        bad = sum(not p.ok for p in report.points) + len(report.incomplete)
+        click.echo(f"{len(report.points)} point(s) checked, {bad} problem(s)")
+    if not report.ok:
+        sys.exit(7)
+
+
+@main.command(name="break-lock")
+@click.argument("repo")
+@click.argument("lock_ids", nargs=-1)
+@click.option("--force", is_flag=True, help="Also remove locks whose backup still seems to be running.")
+@handle_errors
+def break_lock(repo: str, lock_ids: tuple[str, ...], force: bool) -> None:
+    """Remove stale chain locks (as named by the error that reported them); without LOCK_IDS, list locks."""
+    r = Repository.open(repo)
+    me = local_host()
+    names = [e.name for e in r.store.list(LOCK_DIR) if e.name.endswith(".lock")]
+    if not lock_ids:
+        for n in names:
+            st = inspect_lock(r.store, n, me)
+            if st:
+                click.echo(f"{n.rpartition('/')[2].removesuffix('.lock')}: {'live' if st.live else 'stale'}, {st.why}")
+        return
+    for lid in lock_ids:
+        name = f"{LOCK_DIR}/{lid}.lock"
+        st = inspect_lock(r.store, name, me)
+        if st is None:
+            raise UsageError(f"no lock {lid} in {repo}")
+        if st.live and not force:
+            raise ImagechainError(f"lock {lid} is live ({st.why}); not removed (use --force if you are sure)")
+        r.store.delete(name)
+        click.echo(f"removed lock {lid} ({st.why})")

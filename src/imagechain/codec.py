@@ -1,0 +1,91 @@
+"""Per-block payload coding: compression now, encryption later (it wraps the compressed bytes).
+
+Each block is coded on its own so any block of any point can be read without its neighbours.
+Codec objects are per thread: zstd contexts are not safe to share between threads."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+
+import lz4.block
+import zstandard
+
+from .errors import IntegrityError, UsageError
+from .format import spec
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    compression: int = spec.COMPRESSION_ZSTD
+    level: int = 3
+
+    @classmethod
+    def parse(cls, text: str) -> CodecParams:
+        m = re.fullmatch(r"(zstd|lz4|none)(?::(-?\d+))?", text.strip().lower())
+        if not m:
+            raise UsageError(f"unknown compression {text!r} (use zstd[:LEVEL], lz4 or none)")
+        name, level = m.group(1), m.group(2)
+        if name == "zstd":
+            lv = int(level) if level is not None else 3
+            if not -7 <= lv <= 22:
+                raise UsageError(f"zstd level must be between -7 and 22, not {lv}")
+            return cls(spec.COMPRESSION_ZSTD, lv)
+        if level is not None:
+            raise UsageError(f"{name} takes no level")
+        return cls(spec.COMPRESSION_LZ4 if name == "lz4" else spec.COMPRESSION_NONE, 0)
+
+    def __str__(self) -> str:
+        if self.compression == spec.COMPRESSION_ZSTD:
+            return f"zstd:{self.level}"
+        return "lz4" if self.compression == spec.COMPRESSION_LZ4 else "none"
+
+
+class _Local(threading.local):
+    zc: dict[int, zstandard.ZstdCompressor]
+    zd: zstandard.ZstdDecompressor | None
+
+    def __init__(self) -> None:
+        self.zc = {}
+        self.zd = None
+
+
+_local = _Local()
+
+
+def encode(params: CodecParams, block: bytes | memoryview) -> tuple[int, bytes | memoryview]:
+    """Return (payload codec, payload). Falls back to raw when compression does not shrink the block."""
+    if params.compression == spec.COMPRESSION_ZSTD:
+        zc = _local.zc.get(params.level)
+        if zc is None:
+            zc = _local.zc[params.level] = zstandard.ZstdCompressor(level=params.level, write_content_size=True)
+        out = zc.compress(block)
+        if len(out) < len(block):
+            return spec.PAYLOAD_ZSTD, out
+    elif params.compression == spec.COMPRESSION_LZ4:
+        out = lz4.block.compress(block, store_size=False)
+        if len(out) < len(block):
+            return spec.PAYLOAD_LZ4, out
+    return spec.PAYLOAD_RAW, block
+
+
+def decode(codec: int, payload: bytes, raw_length: int) -> bytes:
+    """Decode one payload; a payload that does not decode to raw_length bytes is corrupt."""
+    try:
+        if codec == spec.PAYLOAD_RAW:
+            out = payload
+        elif codec == spec.PAYLOAD_ZSTD:
+            zd = _local.zd
+            if zd is None:
+                zd = _local.zd = zstandard.ZstdDecompressor()
+            out = zd.decompress(payload, max_output_size=raw_length)
+        elif codec == spec.PAYLOAD_LZ4:
+            out = lz4.block.decompress(payload, uncompressed_size=raw_length)
+        else:
+            raise IntegrityError(f"unknown payload codec {codec}")
+    except (zstandard.ZstdError, lz4.block.LZ4BlockError) as e:
+        raise IntegrityError(f"payload does not decode: {e}") from e
+    if len(out) != raw_length:
+        raise IntegrityError(f"payload decodes to {len(out)} bytes, expected {raw_length}")
+    return out

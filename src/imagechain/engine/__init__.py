@@ -1,0 +1,1 @@
+"""Backup, restore and verify: pipelines over sources, chain, format and stores."""

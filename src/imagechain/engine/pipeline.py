@@ -1,0 +1,76 @@
+"""Overlap I/O and CPU with bounded memory: a prefetching reader thread feeds a thread pool whose
+results come back in order. hashing, compression and file I/O release the GIL, so threads suffice."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_END = object()
+
+
+def default_threads() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
+def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Produce items in a background thread, at most `depth` ahead of the consumer."""
+    q: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for it in items:
+                while not stop.is_set():
+                    try:
+                        q.put(it, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=run, name="prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            it = q.get()
+            if it is _END:
+                return
+            if isinstance(it, BaseException):
+                raise it
+            yield it  # type: ignore[misc]
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, depth: int) -> Iterator[R]:
+    """fn over items in a pool, results in input order, at most `depth` in flight."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="work") as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for it in items:
+                pending.append(pool.submit(fn, it))
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()

@@ -1,0 +1,91 @@
+"""One exception hierarchy; every error a user can see maps to one exit code here and nowhere else."""
+
+from __future__ import annotations
+
+
+class ImagechainError(Exception):
+    """Base of every error that is reported to the user as one line."""
+
+    exit_code = 1
+
+
+class UsageError(ImagechainError):
+    """An argument has an invalid value (block size, split size, selector syntax...)."""
+
+    exit_code = 2
+
+
+class SourceError(ImagechainError):
+    """The source volume is missing, unreadable or changed size while being read."""
+
+    exit_code = 3
+
+
+class RepositoryError(ImagechainError):
+    """The repository is missing, not a folder, or not writable."""
+
+    exit_code = 4
+
+
+class PointNotFoundError(ImagechainError):
+    """No point matches the address given."""
+
+    exit_code = 5
+
+
+class AmbiguousPointError(ImagechainError):
+    """More than one point or chain matches the address given."""
+
+    exit_code = 6
+
+
+class IntegrityError(ImagechainError):
+    """Stored data does not match its checksums or digests, or a chain link is broken."""
+
+    exit_code = 7
+
+
+class ChainBrokenError(IntegrityError):
+    """A parent point is missing or is not the point the child was made from."""
+
+
+class TargetError(ImagechainError):
+    """The restore target is too small, not writable, or exists without --force."""
+
+    exit_code = 8
+
+
+class LockedError(ImagechainError):
+    """Another process holds (or held, and died holding) the chain's write lock."""
+
+    exit_code = 9
+
+
+class NoSpaceError(ImagechainError):
+    """The repository (or restore target) ran out of space; nothing was published."""
+
+    exit_code = 10
+
+
+class InterruptedError_(ImagechainError):
+    """The user interrupted the operation; nothing was published."""
+
+    exit_code = 130
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (
+        ImagechainError,
+        UsageError,
+        SourceError,
+        RepositoryError,
+        PointNotFoundError,
+        AmbiguousPointError,
+        IntegrityError,
+        TargetError,
+        LockedError,
+        NoSpaceError,
+        InterruptedError_,
+    )
+}

@@ -1,0 +1,1 @@
+"""The image file: segments, header, block payloads, index, summary, footer (docs/FORMAT.md)."""

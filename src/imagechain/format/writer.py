@@ -1,0 +1,139 @@
+"""Stream one point into a store: payloads, index, summary, footer, split into segments.
+
+All segments stay under temporary names until the footer is written and flushed; then they are
+published, the segment holding the footer last, so no reader ever sees a footer without its data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import zstandard
+
+from ..errors import NoSpaceError
+from ..stores import AtomicWriter, Store
+from . import spec
+
+EXTENSION = ".icimg"
+INDEX_FRAME_ENTRIES = 65536
+WRITE_BUFFER = 4 << 20
+
+
+def segment_name(base: str, number: int) -> str:
+    return f"{base}{EXTENSION}" if number == 0 else f"{base}.s{number:03d}{EXTENSION}"
+
+
+class ImageWriter:
+    def __init__(self, store: Store, base: str, header: spec.PointHeader, split_size: int = 0) -> None:
+        if split_size and split_size < 1 << 20:
+            raise ValueError("split size below 1 MiB")
+        self.store, self.base, self.header = store, base, header
+        self.split_size = split_size
+        self.segments: list[AtomicWriter] = []
+        self.logical = 0
+        self._buf = bytearray()
+        self._index_frames: list[bytes] = []
+        self._index_pending: list[np.ndarray] = []
+        self._index_pending_n = 0
+        self.index_count = 0
+        self._zc = zstandard.ZstdCompressor(level=3)
+        self._open_segment()
+        self.header_bytes = header.pack()
+        self.append(self.header_bytes)
+
+    # -- segments ---------------------------------------------------------------------------------
+    def _open_segment(self) -> None:
+        seg = self.store.create(segment_name(self.base, len(self.segments)))
+        self.segments.append(seg)
+        head = spec.SegmentHeader(len(self.segments) - 1, self.header.point_id, self.logical).pack()
+        if seg.write(head) != len(head):
+            raise NoSpaceError(f"{seg.name}: the filesystem refuses even a segment header")
+
+    def _room(self) -> int:
+        if not self.split_size:
+            return 1 << 62
+        return self.split_size - self.segments[-1].tell()
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while len(view):
+            room = self._room()
+            if room <= 0:
+                self._open_segment()
+                continue
+            n = self.segments[-1].write(view[:room])
+            if n < min(room, len(view)):
+                # the filesystem's own size limit (EFBIG, e.g. FAT32's 4 GiB): remember it and roll over
+                self.split_size = self.segments[-1].tell()
+                if n == 0 and self.segments[-1].tell() <= spec.SEGMENT_HEADER_SIZE:
+                    raise NoSpaceError(f"{self.segments[-1].name}: the filesystem refuses to grow the file")
+            view = view[n:]
+            self.logical += n
+
+    def _drain(self) -> None:
+        if self._buf:
+            self._emit(self._buf)
+            self._buf = bytearray()
+
+    # -- content ----------------------------------------------------------------------------------
+    def append(self, data: bytes | memoryview) -> int:
+        """Add bytes to the logical stream; returns their logical offset."""
+        off = self.logical + len(self._buf)
+        self._buf += data
+        if len(self._buf) >= WRITE_BUFFER:
+            self._drain()
+        return off
+
+    def add_entries(self, entries: np.ndarray) -> None:
+        if not len(entries):
+            return
+        self._index_pending.append(entries)
+        self._index_pending_n += len(entries)
+        self.index_count += len(entries)
+        if self._index_pending_n >= INDEX_FRAME_ENTRIES:
+            self._flush_index_frame()
+
+    def _flush_index_frame(self) -> None:
+        if self._index_pending:
+            raw = np.concatenate(self._index_pending).tobytes()
+            self._index_frames.append(self._zc.compress(raw))
+            self._index_pending, self._index_pending_n = [], 0
+
+    def finish(self, state_digest: bytes, summary: dict[str, object]) -> list[str]:
+        """Write index, summary and footer; publish every segment. Returns the segment names."""
+        self._flush_index_frame()
+        index_offset = self.append(b"")
+        index_digest = spec.blake3.blake3()
+        for frame in self._index_frames:
+            self.append(frame)
+            index_digest.update(frame)
+        index_length = self.append(b"") - index_offset
+        summary_bytes = json.dumps(summary, sort_keys=True).encode()
+        summary_offset = self.append(summary_bytes)
+        self._drain()
+        while True:
+            if self._room() < spec.FOOTER_SIZE:
+                self._open_segment()
+            footer = spec.Footer(
+                self.header.point_id, index_offset, index_length, self.index_count, index_digest.digest(),
+                summary_offset, len(summary_bytes), spec.b3(summary_bytes), len(self.segments),
+                state_digest, spec.b3(self.header_bytes), self.logical + spec.FOOTER_SIZE,
+            ).pack()  # fmt: skip
+            nsegs = len(self.segments)
+            self._emit(footer)
+            if len(self.segments) == nsegs:
+                break
+            # a size limit cut the footer: the cut part is unreferenced filler; write it whole again
+        for seg in self.segments:
+            seg.flush()
+        # publish: every segment but the footer's first, then the footer's; a crash in between leaves
+        # segments without a footer, which are not a point
+        for seg in self.segments[:-1]:
+            seg.commit()
+        self.segments[-1].commit()
+        return [s.name for s in self.segments]
+
+    def abort(self) -> None:
+        for seg in self.segments:
+            seg.abort()
+

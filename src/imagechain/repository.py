@@ -1,0 +1,83 @@
+"""A repository: a folder of plain files holding the chains of many hosts and sources.
+
+Layout (docs/REPOSITORY.md):
+  imagechain.json                           marker: this folder is a repository
+  locks/<host8>-<source8>-<chain8>.lock     one writer per chain
+  <host>-<host8>/<source>-<source8>/<chain>-<chain8>/<time>-<seq>-<full|incr>-<point8>[.sNNN].icimg
+Paths are a convenience for people; points are found by reading file headers."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+
+import blake3
+
+from .chain import Catalog, scan
+from .errors import RepositoryError
+from .format.writer import EXTENSION
+from .names import component, timestamp
+from .stores import LocalStore, Store
+
+MARKER = "imagechain.json"
+
+
+def chain_key(chain_name: str) -> str:
+    return blake3.blake3(b"imagechain-chain\0" + chain_name.encode()).hexdigest()[:8]
+
+
+class Repository:
+    def __init__(self, store: Store, display: str) -> None:
+        self.store, self.display = store, display
+
+    @classmethod
+    def open(cls, path: str, create: bool = False) -> Repository:
+        if not os.path.isdir(path):
+            if os.path.exists(path):
+                raise RepositoryError(f"repository is not a folder: {path}")
+            if not create:
+                raise RepositoryError(f"repository not found: {path}")
+            try:
+                os.makedirs(path)
+            except OSError as e:
+                raise RepositoryError(f"cannot create repository {path}: {e.strerror}") from e
+        repo = cls(LocalStore(path), path)
+        if create and not repo.store.exists(MARKER):
+            marker = {"format": "imagechain-repository", "version": 1,
+                      "created": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+            repo.store.create_exclusive(MARKER, json.dumps(marker, indent=1).encode())
+        return repo
+
+    def catalog(self) -> Catalog:
+        return scan(self.store)
+
+    @staticmethod
+    def chain_dir(host_name: str, host_id: bytes, source_name: str, source_id: bytes, chain: str) -> str:
+        return "/".join((component(host_name, host_id.hex()[:8]), component(source_name, source_id.hex()[:8]),
+                         component(chain, chain_key(chain))))  # fmt: skip
+
+    @staticmethod
+    def lock_name(host_id: bytes, source_id: bytes, chain: str) -> str:
+        return f"locks/{host_id.hex()[:8]}-{source_id.hex()[:8]}-{chain_key(chain)}.lock"
+
+    @staticmethod
+    def point_base(chain_dir: str, created_us: int, sequence: int, full: bool, point_hex: str) -> str:
+        kind = "full" if full else "incr"
+        return f"{chain_dir}/{timestamp(created_us)}-{sequence:04d}-{kind}-{point_hex[:8]}"
+
+
+def find_root(path: str) -> str:
+    """The repository holding an image file: the nearest folder upwards with the marker, else its folder."""
+    d = os.path.dirname(os.path.abspath(path))
+    probe = d
+    while True:
+        if os.path.isfile(os.path.join(probe, MARKER)):
+            return probe
+        up = os.path.dirname(probe)
+        if up == probe:
+            return d
+        probe = up
+
+
+__all__ = ["EXTENSION", "MARKER", "Repository", "chain_key", "find_root"]

@@ -1,0 +1,28 @@
+"""Human sizes in and out (64K, 4GiB, 1.5 MB/s)."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import UsageError
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """Parse a size with an optional binary unit (K, M, G, T; KiB and KB mean the same)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*", text.upper())
+    if not m:
+        raise UsageError(f"not a size: {text!r} (examples: 65536, 64K, 4G)")
+    value = float(m.group(1)) * _UNITS[m.group(2)]
+    if value != int(value):
+        raise UsageError(f"not a whole number of bytes: {text!r}")
+    return int(value)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,6 @@
+"""Where image files live. The engine talks to a Store; local folders now, SFTP and S3 later."""
+
+from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry
+from .local import LocalStore
+
+__all__ = ["TEMP_MARK", "AtomicWriter", "LocalStore", "RandomReader", "Store", "StoreEntry"]

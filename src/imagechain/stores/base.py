@@ -1,0 +1,93 @@
+"""The store contract: the smallest set of operations a remote store can offer efficiently.
+
+Names are relative, '/'-separated and portable (see names.py). Only `AtomicWriter.commit` makes a file
+visible under its final name; a crash before that leaves at most a temporary that readers ignore."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+TEMP_MARK = ".tmp-"  # temporaries are named <final>.tmp-<random>; never taken for a point
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    name: str
+    size: int
+
+
+class AtomicWriter(ABC):
+    """A file being written; invisible under its final name until commit."""
+
+    name: str
+
+    @abstractmethod
+    def write(self, data: bytes | memoryview) -> int:
+        """Append data; returns bytes written, which is less than len(data) only when the
+        file reached the store's size limit (the caller continues in a new file)."""
+
+    @abstractmethod
+    def tell(self) -> int: ...
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make everything written so far durable (still under the temporary name)."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Publish under the final name, durably."""
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+class RandomReader(ABC):
+    """An open file for ranged reads (a file handle locally, ranged GETs remotely)."""
+
+    @abstractmethod
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Store(ABC):
+    url: str
+
+    @abstractmethod
+    def open(self, name: str) -> RandomReader: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[StoreEntry]:
+        """Every file below prefix (recursive), temporaries included."""
+
+    @abstractmethod
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        """Up to length bytes at offset (fewer only at end of file)."""
+
+    @abstractmethod
+    def size(self, name: str) -> int: ...
+
+    @abstractmethod
+    def create(self, name: str) -> AtomicWriter: ...
+
+    @abstractmethod
+    def delete(self, name: str) -> None: ...
+
+    @abstractmethod
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create name with data unless it exists; False when it exists. Used for locks."""
+
+    @abstractmethod
+    def replace(self, name: str, data: bytes) -> None:
+        """Atomically replace a small file's content (lock refresh, markers)."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def filesystem(self) -> str:
+        """The filesystem type holding the store ('ext4', 'vfat', 'exfat', 'ntfs', '' if unknown);
+        decides automatic segment splitting."""

@@ -1,0 +1,217 @@
+"""A repository in a local folder: a USB disk, a mounted share, any filesystem.
+
+Nothing but plain files: no links, permissions, xattrs or sparse files, and mtimes are never read.
+Publishing is write-to-temporary, fsync, rename, fsync of the folder."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+
+from ..errors import NoSpaceError, RepositoryError
+from ..fsprobe import PROBE_BYTES, probe
+from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not supported on this OS/filesystem (Windows, some FUSE drivers)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _raise_io(e: OSError, what: str) -> None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise NoSpaceError(f"repository full while writing {what}: {e.strerror}") from e
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise RepositoryError(f"repository not writable ({what}): {e.strerror}") from e
+    raise RepositoryError(f"cannot write {what}: {e.strerror or e}") from e
+
+
+class _LocalWriter(AtomicWriter):
+    def __init__(self, store: LocalStore, name: str) -> None:
+        self.name = name
+        self._store = store
+        self._final = store.path(name)
+        self._tmp = f"{self._final}{TEMP_MARK}{secrets.token_hex(4)}"
+        try:
+            os.makedirs(os.path.dirname(self._final), exist_ok=True)
+            self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
+        except OSError as e:
+            _raise_io(e, name)
+        self._pos = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        assert self._fd is not None
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                n = os.write(self._fd, view[done:])
+            except OSError as e:
+                if e.errno == errno.EFBIG:
+                    break  # the filesystem's file-size limit: the caller opens a new segment
+                _raise_io(e, self.name)
+            done += n
+        self._pos += done
+        return done
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        assert self._fd is not None
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            _raise_io(e, self.name)
+
+    def commit(self) -> None:
+        assert self._fd is not None
+        self.flush()
+        os.close(self._fd)
+        self._fd = None
+        try:
+            os.replace(self._tmp, self._final)
+        except OSError as e:
+            _raise_io(e, self.name)
+        _fsync_dir(os.path.dirname(self._final))
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self._tmp)
+        except OSError:
+            pass
+
+
+_BINARY = getattr(os, "O_BINARY", 0)
+
+
+class _LocalReader(RandomReader):
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY | _BINARY)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class LocalStore(Store):
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = self.root
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, *name.split("/")) if name else self.root
+
+    def list(self, prefix: str = "") -> Iterator[StoreEntry]:
+        base = self.path(prefix)
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            rel = "" if rel == "." else rel + "/"
+            for fn in sorted(filenames):
+                full = os.path.join(dirpath, fn)
+                try:
+                    st = os.stat(full, follow_symlinks=False)
+                except OSError:
+                    continue
+                if os.path.isfile(full) and not os.path.islink(full):
+                    yield StoreEntry(rel + fn, st.st_size)
+
+    def open(self, name: str) -> RandomReader:
+        return _LocalReader(self.path(name))
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        with open(self.path(name), "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+
+    def size(self, name: str) -> int:
+        return os.stat(self.path(name)).st_size
+
+    def create(self, name: str) -> AtomicWriter:
+        return _LocalWriter(self, name)
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self.path(name))
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        p = self.path(name)
+        try:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            _raise_io(e, name)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(os.path.dirname(p))
+        return True
+
+    def replace(self, name: str, data: bytes) -> None:
+        w = self.create(name)
+        try:
+            w.write(data)
+            w.commit()
+        except BaseException:
+            w.abort()
+            raise
+
+    def filesystem(self) -> str:
+        return filesystem_of(self.root)
+
+
+def filesystem_of(path: str) -> str:
+    """Filesystem type of the mount holding path, looking through FUSE to the device's superblock."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    real = os.path.realpath(path)
+    best: tuple[int, str, str] = (-1, "", "")
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) < 5 or len(rfields) < 2:
+            continue
+        mnt = fields[4].replace("\\040", " ")
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best[0]:
+            best = (len(mnt), rfields[0], rfields[1])
+    fstype, source = best[1], best[2]
+    if fstype in ("vfat", "msdos", "exfat", "ntfs", "ntfs3"):
+        return "ntfs" if fstype == "ntfs3" else ("vfat" if fstype == "msdos" else fstype)
+    if fstype.startswith("fuse") and source.startswith("/"):
+        try:
+            with open(source, "rb") as dev:
+                p = probe(dev.read(PROBE_BYTES))
+        except OSError:
+            p = None
+        if p is not None:
+            return p.kind
+    if fstype.startswith("fuse") and "fat" in (fstype + source).lower():
+        return "vfat"
+    return fstype

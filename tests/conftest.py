@@ -1,0 +1,89 @@
+"""Shared fixtures: isolated caches, volume generators, loop devices, and the portability check that
+every repository a test creates must pass (names valid on exFAT/FAT32/NTFS, no case clashes)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagechain.names import case_collisions, portability_problems
+
+REPOS: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGECHAIN_CACHE", str(tmp_path / "_cache"))
+    monkeypatch.setenv("IMAGECHAIN_MACHINE_ID", "test-machine-0")
+
+
+def assert_portable(repo: Path) -> None:
+    """Every file and folder in the repository has a name valid on every common OS and filesystem."""
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(repo):
+        for n in dirnames + filenames:
+            full = Path(dirpath) / n
+            assert not full.is_symlink(), f"symlink in repository: {full}"
+            rels.append(full.relative_to(repo).as_posix())
+    problems = {r: portability_problems(r) for r in rels}
+    assert not {r: p for r, p in problems.items() if p}, problems
+    assert not case_collisions(rels)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Path]:
+    """A repository folder; checked for portable names after the test."""
+    p = tmp_path / "repo"
+    yield p
+    if p.exists():
+        assert_portable(p)
+
+
+def write_volume(path: Path, size: int, seed: int = 0, zero_fraction: float = 0.3) -> bytes:
+    """A volume image with random, compressible and zero regions; returns its content."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = bytearray(size)
+    pos = 0
+    while pos < size:
+        n = int(min(size - pos, rng.integers(1, 300_000)))
+        r = rng.random()
+        if r < zero_fraction:
+            pass
+        elif r < 0.6:
+            out[pos : pos + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        else:
+            out[pos : pos + n] = (bytes(rng.integers(32, 127, 64, dtype=np.uint8)) * (n // 64 + 1))[:n]
+        pos += n
+    path.write_bytes(out)
+    return bytes(out)
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices and mounts)")
+
+
+def need_tool(*names: str) -> None:
+    for n in names:
+        if shutil.which(n) is None:
+            pytest.skip(f"{n} is not installed (make test installs it with apt-get)")
+
+
+@contextlib.contextmanager
+def loop_device(image: Path) -> Iterator[str]:
+    need_root()
+    need_tool("losetup")
+    dev = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True,
+                         text=True).stdout.strip()  # fmt: skip
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)

@@ -79,7 +79,7 @@ def select(cat: Catalog, spec_: str, repo_display: str) -> PointFiles:
     parts = path.split("/") if path else []
     if len(parts) > 3:
         raise UsageError(f"address {spec_!r} has more than HOST/SOURCE/CHAIN")
-    host_q, source_q, chain_q = [None] * (3 - len(parts)) + parts  # type: ignore[list-item]
+    host_q, source_q, chain_q = [None] * (3 - len(parts)) + parts
     chains: dict[tuple[bytes, bytes, str], list[PointFiles]] = {}
     for pts in cat.chains().values():
         h = pts[-1].header
@@ -101,7 +101,7 @@ def select(cat: Catalog, spec_: str, repo_display: str) -> PointFiles:
     if not chains:
         raise PointNotFoundError(f"no chain matches {spec_!r} in {repo_display} (see: imagechain list)")
     if len(chains) > 1:
-        names = sorted("/".join((str(p[-1].header.metadata.get(k)) for k in ("host", "source", "chain")))
+        names = sorted("/".join(str(p[-1].header.metadata.get(k)) for k in ("host", "source", "chain"))
                        for p in chains.values())  # fmt: skip
         raise AmbiguousPointError(f"{spec_ or 'the address'} matches {len(chains)} chains: {', '.join(names)}")
     pts = next(iter(chains.values()))

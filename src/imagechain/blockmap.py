@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from .format import spec
-
 STATE_PREFIX = b"imagechain-state-v1\0"
 
 

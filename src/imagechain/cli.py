@@ -176,7 +176,7 @@ def list_(repo: str, as_json: bool) -> None:
             t.add_row(str(p["sequence"]), p["created"], p["kind"], human(p["volume_size"]),
                       human(p["changed_bytes"] or 0), human(p["file_bytes"]), p["point_id"][:8])  # fmt: skip
         out.print(t)
-    for files, why in cat.problems:
+    for _files, why in cat.problems:
         err.print(f"notice: not a point: {why}", markup=False)
     for name in cat.leftovers:
         err.print(f"notice: leftover temporary file {name}", markup=False)

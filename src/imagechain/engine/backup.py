@@ -201,11 +201,16 @@ def _backup_locked(
     return BackupResult(
         point_id=str(point_id), chain_id=str(chain_id), chain=chain, host=host.name, source=src.name,
         kind="incremental" if parent else "full", sequence=sequence, files=files, volume_size=src.size,
-        block_size=bs, read_bytes=int(stats["read_bytes"]), changed_blocks=int(stats["changed_blocks"]),
-        changed_bytes=int(stats["changed_bytes"]), stored_bytes=int(stats["stored_bytes"]),
+        block_size=bs, read_bytes=_int(stats["read_bytes"]), changed_blocks=_int(stats["changed_blocks"]),
+        changed_bytes=_int(stats["changed_bytes"]), stored_bytes=_int(stats["stored_bytes"]),
         file_bytes=sum(repo.store.size(f) for f in files), duration_s=time.monotonic() - t0,
         state_digest=state.hex(), notices=notices,
     )  # fmt: skip
+
+
+def _int(v: object) -> int:
+    assert isinstance(v, int)
+    return v
 
 
 def _run(

@@ -38,7 +38,7 @@ def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
                 if stop.is_set():
                     return
             q.put(_END)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+        except BaseException as e:
             q.put(e)
 
     t = threading.Thread(target=run, name="prefetch", daemon=True)

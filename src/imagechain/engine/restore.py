@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import time
@@ -61,9 +62,9 @@ class PayloadSource:
         src, off, ln = bm.src[blocks], bm.offset[blocks].astype(np.int64), bm.length[blocks].astype(np.int64)
         brk = np.ones(len(blocks), bool)
         brk[1:] = (src[1:] != src[:-1]) | (off[1:] != off[:-1] + ln[:-1])
-        heads = np.flatnonzero(brk).tolist() + [len(blocks)]
+        heads = [*np.flatnonzero(brk).tolist(), len(blocks)]
         out: list[bytes] = []
-        for a, b in zip(heads[:-1], heads[1:], strict=True):
+        for a, b in itertools.pairwise(heads):
             total = int(off[b - 1] + ln[b - 1] - off[a])
             data = memoryview(self.readers[int(src[a])].read(int(off[a]), total))
             base = int(off[a])

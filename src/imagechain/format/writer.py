@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import blake3
 import numpy as np
 import zstandard
 
@@ -54,7 +55,7 @@ class ImageWriter:
             return 1 << 62
         return self.split_size - self.segments[-1].tell()
 
-    def _emit(self, data: bytes | memoryview) -> None:
+    def _emit(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while len(view):
             room = self._room()
@@ -103,7 +104,7 @@ class ImageWriter:
         """Write index, summary and footer; publish every segment. Returns the segment names."""
         self._flush_index_frame()
         index_offset = self.append(b"")
-        index_digest = spec.blake3.blake3()
+        index_digest = blake3.blake3()
         for frame in self._index_frames:
             self.append(frame)
             index_digest.update(frame)

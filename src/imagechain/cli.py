@@ -173,7 +173,7 @@ def list_(repo: str, as_json: bool) -> None:
         for col in ("#", "created", "kind", "volume", "changed", "stored", "point"):
             t.add_column(col, justify="right" if col in ("#", "volume", "changed", "stored") else "left")
         for p in pts:
-            t.add_row(str(p["sequence"]), p["created"], p["kind"], human(p["volume_size"]),
+            t.add_row(str(p["sequence"]), p["created"][:19].replace("T", " "), p["kind"], human(p["volume_size"]),
                       human(p["changed_bytes"] or 0), human(p["file_bytes"]), p["point_id"][:8])  # fmt: skip
         out.print(t)
     for _files, why in cat.problems:

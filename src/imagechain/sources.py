@@ -56,7 +56,9 @@ def device_size(fd: int) -> int:
 
 def open_source(path: str, name: str | None = None) -> Source:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO (or some character devices) for reading would otherwise wait forever
+        # for a writer; the type is checked below and blocking reads are restored for files and devices
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError as e:
         raise SourceError(f"source not found: {path}") from e
     except OSError as e:
@@ -69,6 +71,7 @@ def open_source(path: str, name: str | None = None) -> Source:
             size, is_dev = st.st_size, False
         else:
             raise SourceError(f"source is neither a block device nor a regular file: {path}")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         if size == 0:
             raise SourceError(f"source is empty: {path}")
         head = os.pread(fd, min(size, PROBE_BYTES), 0)

@@ -111,33 +111,39 @@ def restore(
     per_chunk = max(1, CHUNK_BYTES // bs)
     written = written_blocks = checked = 0
 
-    def plan() -> Iterator[tuple[int, int, list[bytes]]]:
+    def plan() -> Iterator[tuple[int, int, list[bytes] | None]]:
         for s in range(0, bm.count, per_chunk):
             e = min(bm.count, s + per_chunk)
-            data = np.flatnonzero(bm.kind[s:e] == spec.BLOCK_DATA) + s
-            yield s, e, payloads.fetch(data)
+            # a delta restore fetches only the payloads of blocks that differ, once it knows which
+            yield s, e, None if delta else payloads.fetch(np.flatnonzero(bm.kind[s:e] == spec.BLOCK_DATA) + s)
 
-    def work(item: tuple[int, int, list[bytes]]) -> tuple[int, int, list[tuple[int, bytes]], int]:
+    def verified(blocks: list[int], fetched: list[bytes]) -> dict[int, bytes]:
+        return {b: payloads.check(b, p) for b, p in zip(blocks, fetched, strict=True)}
+
+    def work(item: tuple[int, int, list[bytes] | None]) -> tuple[int, int, list[tuple[int, bytes]], int]:
         s, e, fetched = item
+        if fetched is None:
+            return _delta_chunk(s, e)
         data = (np.flatnonzero(bm.kind[s:e] == spec.BLOCK_DATA) + s).tolist()
-        raws = dict(zip(data, (payloads.check(b, p) for b, p in zip(data, fetched, strict=True)), strict=True))
-        start, end = s * bs, min(size, e * bs)
-        if delta:
-            current = _pread_full(fd, end - start, start)
-            writes = []
-            for b in range(s, e):
-                lo, hi = (b - s) * bs, min((b - s + 1) * bs, end - start)
-                cur = memoryview(current)[lo:hi]
-                want = raws.get(b)
-                if want is None:  # zero (or unused) block
-                    if np.frombuffer(cur, np.uint8).any():
-                        writes.append((b, bytes(hi - lo)))
-                elif blake3.blake3(cur).digest() != bm.digest[b].tobytes():
-                    writes.append((b, want))
-            return s, e, writes, len(data)
+        raws = verified(data, fetched)
         if fresh:
             return s, e, sorted(raws.items()), len(data)
         return s, e, [(b, raws.get(b) or bytes(bm.raw_length(b))) for b in range(s, e)], len(data)
+
+    def _delta_chunk(s: int, e: int) -> tuple[int, int, list[tuple[int, bytes]], int]:
+        start, end = s * bs, min(size, e * bs)
+        current = memoryview(_pread_full(fd, end - start, start))
+        differ: list[int] = []
+        zeros: list[tuple[int, bytes]] = []
+        for b in range(s, e):
+            cur = current[(b - s) * bs : min((b - s + 1) * bs, end - start)]
+            if bm.kind[b] != spec.BLOCK_DATA:
+                if np.frombuffer(cur, np.uint8).any():
+                    zeros.append((b, bytes(len(cur))))
+            elif blake3.blake3(cur).digest() != bm.digest[b].tobytes():
+                differ.append(b)
+        raws = verified(differ, payloads.fetch(np.array(differ, np.int64)))
+        return s, e, sorted(zeros + list(raws.items())), len(differ)
 
     progress.start("restore", size)
     try:

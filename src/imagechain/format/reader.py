@@ -34,21 +34,25 @@ class SegmentFile:
 
 
 def scan_file(store: Store, entry: StoreEntry) -> SegmentFile | None:
-    """Parse what identifies a file as part of a point; None when it is not an image file at all."""
+    """Parse what identifies a file as part of a point; None when it is not an image file at all.
+
+    A file named like an image file (.icimg) that does not start with a segment header is reported
+    (segment number -1 and a problem), never silently ignored: it is a damaged or truncated point."""
+    from .writer import EXTENSION
+
+    named_image = entry.name.endswith(EXTENSION)
     if entry.size < spec.SEGMENT_HEADER_SIZE:
-        return None
+        return _unusable(entry, f"{entry.name}: truncated to {entry.size} bytes") if named_image else None
     try:
         head = store.read(entry.name, 0, HEAD_READ)
-    except OSError:
-        return None
+    except OSError as e:
+        return _unusable(entry, f"{entry.name}: unreadable ({e.strerror or e})") if named_image else None
     if head[:8] != spec.SEGMENT_MAGIC:
-        return None
+        return _unusable(entry, f"{entry.name}: segment header damaged (bad magic)") if named_image else None
     try:
         seg = spec.SegmentHeader.unpack(head[: spec.SEGMENT_HEADER_SIZE], entry.name)
     except IntegrityError as e:
-        sf = SegmentFile(entry.name, entry.size, spec.SegmentHeader(-1, uuid.UUID(int=0), 0))
-        sf.problem = str(e)
-        return sf
+        return _unusable(entry, str(e))
     sf = SegmentFile(entry.name, entry.size, seg)
     try:
         if seg.number == 0:
@@ -70,6 +74,11 @@ def scan_file(store: Store, entry: StoreEntry) -> SegmentFile | None:
         sf.problem = str(e)
         sf.footer = None
     return sf
+
+
+def _unusable(entry: StoreEntry, problem: str) -> SegmentFile:
+    """A file that belongs to no point we can identify (segment number -1)."""
+    return SegmentFile(entry.name, entry.size, spec.SegmentHeader(-1, uuid.UUID(int=0), 0), problem=problem)
 
 
 @dataclass

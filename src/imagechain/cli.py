@@ -23,7 +23,7 @@ from .engine.backup import backup as run_backup
 from .engine.backup import check_block_size, check_split_size
 from .engine.restore import restore as run_restore
 from .engine.verify import verify as run_verify
-from .errors import ImagechainError, UsageError
+from .errors import ImagechainError, IntegrityError, UsageError
 from .format import spec
 from .format.reader import PointFiles, PointReader
 from .identity import local_host
@@ -266,7 +266,7 @@ def verify(target: str, as_json: bool) -> None:
         bad = sum(not p.ok for p in report.points) + len(report.incomplete)
         click.echo(f"{len(report.points)} point(s) checked, {bad} problem(s)")
     if not report.ok:
-        sys.exit(7)
+        sys.exit(IntegrityError.exit_code)
 
 
 @main.command(name="break-lock")

@@ -127,10 +127,9 @@ def _backup_locked(
             repo.store.delete(name)
             notices.append(f"removed {name}, left by an interrupted backup")
     for files, why in cat.problems:
-        if files and all(f.startswith(chain_dir + "/") for f in files):
-            for f in files:
-                repo.store.delete(f)
-            notices.append(f"removed {', '.join(files)}: {why}")
+        # not ours to delete: a damaged point may still be wanted for inspection or recovery
+        if any(f.startswith(chain_dir + "/") for f in files):
+            notices.append(f"ignored (not a point): {why}")
 
     line = [] if full else cat.find_chain_line(host.host_id, src.source_id, chain)
     parent = line[-1] if line else None

@@ -134,8 +134,10 @@ def _pick(pts: list[PointFiles], sel: str, spec_: str) -> PointFiles:
     if len(sel.strip()) == 10:  # a bare date means the end of that day
         when = when.replace(hour=23, minute=59, second=59, microsecond=999999)
     limit = int(when.astimezone(UTC).timestamp() * 1e6)
-    if len(sel.strip()) == 16:  # minutes: include the whole minute
-        limit += 59_999_999
+    # a time given to the hour, minute or second includes that whole hour, minute or second (with or
+    # without a zone suffix), so a time copied from `info` or `list` selects the point shown there
+    body = re.sub(r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)$", "", text) if len(text) > 10 else text
+    limit += {13: 3_599_999_999, 16: 59_999_999, 19: 999_999}.get(len(body), 0)
     before = [p for p in pts if p.header.created_us <= limit]
     if not before:
         raise PointNotFoundError(f"{spec_}: no point at or before {sel}")

@@ -87,6 +87,13 @@ def lineage(cat: Catalog, point: PointFiles) -> list[PointFiles]:
         parent = cat.points.get(ch.parent_id)
         pname = str(ch.metadata.get("parent_file", "?"))
         if parent is None:
+            folder = child.name.rpartition("/")[0]
+            there = cat.by_file.get(f"{folder}/{pname}" if folder else pname)
+            if there is not None and there != ch.parent_id:
+                raise ChainBrokenError(
+                    f"{describe(child)}: its parent file {pname} now holds point {str(there)[:8]}, not the "
+                    f"point {str(ch.parent_id)[:8]} it was made from (replaced by another backup)"
+                )
             broken = [w for _files, w in cat.problems if str(ch.parent_id)[:8] in w]
             extra = f"; {broken[0]}" if broken else ""
             raise ChainBrokenError(

@@ -62,7 +62,7 @@ class BarProgress:
             self._bar = None
 
     def notice(self, message: str) -> None:
-        err.print(f"notice: {message}", markup=False)
+        err.print(f"notice: {message}", markup=False, soft_wrap=True)
 
 
 def handle_errors(fn: F) -> F:
@@ -77,12 +77,13 @@ def handle_errors(fn: F) -> F:
             err.print(f"imagechain: error: {e}", markup=False, soft_wrap=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            err.print("imagechain: interrupted; nothing was published", markup=False)
+            err.print("imagechain: interrupted; nothing was published", markup=False, soft_wrap=True)
             sys.exit(130)
         except OSError as e:
             if debug:
                 traceback.print_exc()
-            err.print(f"imagechain: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), markup=False)
+            msg = f"imagechain: error: {e.strerror or e}: {e.filename or ''}".rstrip(": ")
+            err.print(msg, markup=False, soft_wrap=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -177,9 +178,9 @@ def list_(repo: str, as_json: bool) -> None:
                       human(p["changed_bytes"] or 0), human(p["file_bytes"]), p["point_id"][:8])  # fmt: skip
         out.print(t)
     for _files, why in cat.problems:
-        err.print(f"notice: not a point: {why}", markup=False)
+        err.print(f"notice: not a point: {why}", markup=False, soft_wrap=True)
     for name in cat.leftovers:
-        err.print(f"notice: leftover temporary file {name}", markup=False)
+        err.print(f"notice: leftover temporary file {name}", markup=False, soft_wrap=True)
 
 
 @main.command()

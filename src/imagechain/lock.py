@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import threading
 import time
@@ -92,12 +93,12 @@ class ChainLock:
             "what": self.what, "command": " ".join(sys.argv[:3]),
         }  # fmt: skip
         if self.store.create_exclusive(self.name, self._payload()):
-            self._thread = threading.Thread(target=self._refresh, name="lock-refresh", daemon=True)
-            self._thread.start()
+            self._start_refresh()
             return
         st = inspect_lock(self.store, self.name, self.me)
         if st is None:  # released between our attempt and the look: try once more
             if self.store.create_exclusive(self.name, self._payload()):
+                self._start_refresh()
                 return
             st = inspect_lock(self.store, self.name, self.me)
         why = st.why if st else "held"
@@ -106,8 +107,12 @@ class ChainLock:
         lock_id = self.name.rpartition("/")[2].removesuffix(".lock")
         raise LockedError(
             f"{self.what} has a stale lock ({why}); if no backup of it is running, remove it with: "
-            f"imagechain break-lock {self.repo_arg} {lock_id}"
+            f"imagechain break-lock {shlex.quote(self.repo_arg)} {lock_id}"
         )
+
+    def _start_refresh(self) -> None:
+        self._thread = threading.Thread(target=self._refresh, name="lock-refresh", daemon=True)
+        self._thread.start()
 
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):

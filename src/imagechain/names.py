@@ -26,7 +26,10 @@ def sanitize(name: str) -> str:
 
 def component(label: str, ident: str) -> str:
     """`<sanitized label>-<id>`: portable, unique by id, never a reserved device name."""
-    return f"{sanitize(label)}-{ident}"
+    out = sanitize(label)
+    if out.split(".")[0].upper() in _RESERVED:  # Windows reads "NUL.txt-1234abcd" as the device NUL
+        out = f"_{out}"
+    return f"{out}-{ident}"
 
 
 def timestamp(created_us: int) -> str:

@@ -101,8 +101,8 @@ def backup(
         check_block_size(block_size)
     if split_size is not None:
         check_split_size(split_size)
-    if not chain or len(chain) > 200:
-        raise UsageError("chain name must be 1 to 200 characters")
+    if not chain or len(chain) > 1024:
+        raise UsageError("chain name must be 1 to 1024 characters")
     host = host or local_host()
     progress = progress or Silent()
     cache = default_cache_dir() if cache_dir == "" else cache_dir

@@ -123,6 +123,10 @@ def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> tuple[PointFiles 
         names = ", ".join(f"segment {i} ({segment_name_hint(last.name, i)})" for i in missing)
         return None, f"point {short} is missing {names} of {count}"
     segs = [f for f in chosen if f is not None]
+    misnamed = [f for f in segs if _named_number(f.name) not in (None, f.seg.number)]
+    if misnamed:
+        which = "; ".join(f"{f.name} holds segment {f.seg.number}, not {_named_number(f.name)}" for f in misnamed)
+        return None, f"point {short}: segment files swapped or misnamed: {which}"
     expect = 0
     for f in segs:
         if f.seg.logical_offset != expect:
@@ -139,6 +143,16 @@ def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> tuple[PointFiles 
     if spec.b3(header.pack()) != footer.header_digest:
         return None, f"point {short}: {segs[0].name}: header does not match the footer (altered header)"
     return PointFiles(header, footer, segs), ""
+
+
+def _named_number(name: str) -> int | None:
+    """The segment number a file name states (`.sNNN` before the extension); None when it states none."""
+    from .writer import EXTENSION
+
+    base = name.rpartition("/")[2]
+    base = base[: -len(EXTENSION)] if base.endswith(EXTENSION) else base
+    stem, dot, num = base.rpartition(".s")
+    return int(num) if dot and stem and len(num) >= 3 and num.isdigit() else None
 
 
 def segment_name_hint(last_name: str, number: int) -> str:

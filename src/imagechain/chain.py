@@ -25,10 +25,6 @@ class Catalog:
     leftovers: list[str] = field(default_factory=list)  # temporaries of interrupted writes
     by_file: dict[str, uuid.UUID] = field(default_factory=dict)  # every image file -> its point id
 
-    def chain_points(self, chain_id: uuid.UUID) -> list[PointFiles]:
-        return sorted((p for p in self.points.values() if p.header.chain_id == chain_id),
-                      key=lambda p: p.header.sequence)  # fmt: skip
-
     def chains(self) -> dict[uuid.UUID, list[PointFiles]]:
         out: dict[uuid.UUID, list[PointFiles]] = defaultdict(list)
         for p in self.points.values():

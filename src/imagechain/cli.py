@@ -23,7 +23,7 @@ from .engine.backup import backup as run_backup
 from .engine.backup import check_block_size, check_split_size
 from .engine.restore import restore as run_restore
 from .engine.verify import verify as run_verify
-from .errors import ImagechainError, IntegrityError, UsageError
+from .errors import ImagechainError, IntegrityError, Interrupted, UsageError
 from .format import spec
 from .format.reader import PointFiles, PointReader
 from .identity import local_host
@@ -78,7 +78,7 @@ def handle_errors(fn: F) -> F:
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             err.print("imagechain: interrupted; nothing was published", markup=False, soft_wrap=True)
-            sys.exit(130)
+            sys.exit(Interrupted.exit_code)
         except OSError as e:
             if debug:
                 traceback.print_exc()

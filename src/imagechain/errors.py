@@ -67,25 +67,8 @@ class NoSpaceError(ImagechainError):
     exit_code = 10
 
 
-class InterruptedError_(ImagechainError):
+class Interrupted(ImagechainError):
     """The user interrupted the operation; nothing was published."""
 
     exit_code = 130
 
-
-EXIT_CODES: dict[str, int] = {
-    cls.__name__: cls.exit_code
-    for cls in (
-        ImagechainError,
-        UsageError,
-        SourceError,
-        RepositoryError,
-        PointNotFoundError,
-        AmbiguousPointError,
-        IntegrityError,
-        TargetError,
-        LockedError,
-        NoSpaceError,
-        InterruptedError_,
-    )
-}

@@ -21,10 +21,6 @@ class HostIdentity:
     name: str  # verbatim, for display
     machine: str  # the machine fingerprint this process runs on (for lock liveness checks)
 
-    @property
-    def short(self) -> str:
-        return self.host_id.hex()[:8]
-
 
 def _read(path: str) -> str:
     try:

@@ -136,8 +136,12 @@ def backup(source: str, repo: str, chain: str, full: bool, block_size: str | Non
 
 def _row(p: PointFiles, repo: Repository) -> dict[str, Any]:
     h = p.header
-    with PointReader(repo.store, p) as r:
-        s = r.summary()
+    problem: dict[str, str] = {}
+    try:
+        with PointReader(repo.store, p) as r:
+            s = r.summary()
+    except IntegrityError as e:  # statistics only: one damaged summary must not hide the repository
+        s, problem = {}, {"problem": str(e)}
     return {
         "point_id": str(h.point_id), "chain_id": str(h.chain_id), "sequence": h.sequence,
         "kind": "full" if h.kind == spec.KIND_FULL else "incremental",
@@ -145,7 +149,7 @@ def _row(p: PointFiles, repo: Repository) -> dict[str, Any]:
         "host": h.metadata.get("host"), "source": h.metadata.get("source"), "chain": h.metadata.get("chain"),
         "volume_size": h.volume_size, "block_size": h.block_size,
         "changed_bytes": s.get("changed_bytes"), "stored_bytes": s.get("stored_bytes"),
-        "file_bytes": sum(f.size for f in p.segments), "files": [f.name for f in p.segments],
+        "file_bytes": sum(f.size for f in p.segments), "files": [f.name for f in p.segments], **problem,
     }  # fmt: skip
 
 
@@ -177,6 +181,9 @@ def list_(repo: str, as_json: bool) -> None:
             t.add_row(str(p["sequence"]), p["created"][:19].replace("T", " "), p["kind"], human(p["volume_size"]),
                       human(p["changed_bytes"] or 0), human(p["file_bytes"]), p["point_id"][:8])  # fmt: skip
         out.print(t)
+    for p in (p for pts in rows for p in pts if "problem" in p):
+        err.print(f"notice: damaged point {p['point_id'][:8]}: {p['problem']} (run imagechain verify)",
+                  markup=False, soft_wrap=True)  # fmt: skip
     for _files, why in cat.problems:
         err.print(f"notice: not a point: {why}", markup=False, soft_wrap=True)
     for name in cat.leftovers:

@@ -57,7 +57,11 @@ def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | N
         report.incomplete = [f"{', '.join(files)}: {why}" for files, why in cat.problems]
         targets = sorted(cat.points.values(), key=lambda p: (str(p.header.chain_id), p.header.sequence))
     else:
-        targets = [only]
+        # a point is only as sound as the points it is restored from: check its whole lineage
+        try:
+            targets = lineage(cat, only)
+        except ImagechainError:
+            targets = [only]  # the broken link is reported by the point's own check
     total = sum(p.footer.index_count for p in targets)
     progress.start("verify", max(total, 1))
     try:

@@ -1,0 +1,710 @@
+"""Reliability: SIGKILL at any moment of a backup, detection of every kind of damage to an image file,
+and the exit code and one-line message of every kind of bad input.
+
+The crash and bad-input tests drive the installed console script in a subprocess, as a user would;
+damage is done to real image files, located through the byte layout of docs/FORMAT.md."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+import pytest
+
+from imagechain.address import open_point
+from imagechain.codec import CodecParams
+from imagechain.engine.backup import backup
+from imagechain.engine.restore import restore
+from imagechain.engine.verify import verify
+from imagechain.errors import ImagechainError
+from imagechain.format import spec
+from imagechain.format.reader import PointReader
+from imagechain.repository import MARKER, Repository
+from imagechain.stores import TEMP_MARK
+
+from .conftest import assert_portable, loop_device, need_root, need_tool, write_volume
+
+BS = 64 << 10  # the default block size
+
+# -- running the console script --------------------------------------------------------------------
+
+
+def exe() -> str:
+    here = Path(sys.executable).parent / "imagechain"
+    if here.exists():
+        return str(here)
+    found = shutil.which("imagechain")
+    if found is None:
+        pytest.skip("the imagechain console script is not installed")
+    return found
+
+
+def ic(*args: object, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([exe(), *map(str, args)], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=timeout, **kw)  # type: ignore[call-overload]  # fmt: skip
+
+
+def ic_ok(*args: object, **kw: object) -> subprocess.CompletedProcess[str]:
+    p = ic(*args, **kw)
+    assert p.returncode == 0, f"imagechain {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    assert "Traceback" not in p.stderr
+    return p
+
+
+def one_line_error(p: subprocess.CompletedProcess[str], code: int) -> str:
+    """The process failed with `code` and said why in exactly one line on stderr, without a traceback."""
+    assert p.returncode == code, f"exit {p.returncode}, wanted {code}\nstdout: {p.stdout}\nstderr: {p.stderr}"
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, f"wanted one line on stderr, got {len(lines)}:\n{p.stderr}"
+    assert lines[0].startswith("imagechain: error: "), lines[0]
+    return lines[0]
+
+
+def b3(data: bytes | bytearray) -> bytes:
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+
+
+def files_in(repo: Path) -> set[str]:
+    out = set()
+    for dirpath, _dirs, names in os.walk(repo):
+        for n in names:
+            out.add((Path(dirpath) / n).relative_to(repo).as_posix())
+    return out
+
+
+def temporaries(repo: Path) -> list[str]:
+    return sorted(f for f in files_in(repo) if TEMP_MARK in f.rpartition("/")[2])
+
+
+def new_bytes(repo: Path, before: set[str]) -> int:
+    """Bytes in image files (temporary or not) that were not in the repository before; -1 for none."""
+    total = -1
+    for dirpath, _dirs, names in os.walk(repo):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            rel = os.path.relpath(path, repo).replace(os.sep, "/")
+            if rel not in before and not rel.startswith("locks/"):
+                with contextlib.suppress(FileNotFoundError):
+                    total = max(total, 0) + os.stat(path).st_size
+    return total
+
+
+def locks(repo: Path) -> list[Path]:
+    return sorted((repo / "locks").glob("*.lock"))
+
+
+def restore_to(address: str, target: Path) -> bytes:
+    """Restore through the library; returns the BLAKE3 of what was written."""
+    res = open_point(address)
+    restore(res.repo, res.point, str(target))
+    try:
+        return b3(target.read_bytes())
+    finally:
+        target.unlink()
+
+
+# == 1. crash safety ================================================================================
+
+CRASH_SIZE = 160 << 20
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_of_a_backup_publishes_nothing_and_harms_nothing(tmp_path: Path, repo: Path) -> None:
+    rng = np.random.default_rng(20261124)
+    vol = tmp_path / "vol.img"
+    out = tmp_path / "out.img"
+    data = bytearray(rng.bytes(CRASH_SIZE))
+    vol.write_bytes(data)
+    expected: dict[str, bytes] = {}  # point id -> BLAKE3 of the volume it holds
+    r0 = backup(str(vol), str(repo), codec=CodecParams.parse("none"))
+    expected[r0.point_id] = b3(data)
+    data[5 << 20 : 9 << 20] = rng.bytes(4 << 20)
+    vol.write_bytes(data)
+    r1 = backup(str(vol), str(repo))
+    assert r1.kind == "incremental" and r1.changed_blocks == (4 << 20) // BS
+    expected[r1.point_id] = b3(data)
+    latest, sequence = r1.point_id, 1
+
+    delay = random.Random(7).uniform(0.3, 1.0)
+    Cond = Callable[[float], bool]
+    before: set[str] = set()
+    triggers: list[tuple[str, Cond]] = [
+        ("at once", lambda t: True),
+        ("lock taken", lambda t: bool(locks(repo))),
+        ("first bytes written", lambda t: new_bytes(repo, before) >= 0),
+        ("half the payloads written", lambda t: new_bytes(repo, before) >= CRASH_SIZE // 2),
+        ("all payloads written (index, footer, fsync, rename)", lambda t: new_bytes(repo, before) >= CRASH_SIZE),
+        (f"after {delay:.2f} s", lambda t: t >= delay),
+    ]
+    outcomes: list[tuple[str, str]] = []
+    saw_leftovers = saw_stale_lock = False
+    restored: set[str] = set()
+    for i, (label, cond) in enumerate(triggers):
+        data = bytearray(rng.bytes(CRASH_SIZE))  # every block changes: the backup stores the whole volume
+        vol.write_bytes(data)
+        want = b3(data)
+        before = files_in(repo)
+        split = ["--split-size", "48M"] if i % 2 else []
+        proc = subprocess.Popen([exe(), "backup", str(vol), str(repo), "--json", *split], env=dict(os.environ),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        t0 = time.monotonic()
+        try:
+            while proc.poll() is None and not cond(time.monotonic() - t0):
+                assert time.monotonic() - t0 < 60, f"{label}: the condition never came true"
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGKILL)  # a no-op when the backup already finished
+        finally:
+            stdout, stderr = proc.communicate(timeout=60)
+        what = f"killed {label}"
+        assert "Traceback" not in stderr
+        if proc.returncode == 0:  # it finished before the kill landed: then it must be a whole, correct point
+            res = json.loads(stdout)
+            expected[res["point_id"]] = want
+            latest, sequence = res["point_id"], sequence + 1
+            outcomes.append((label, "finished"))
+        else:
+            assert proc.returncode == -signal.SIGKILL, f"{what}: exit {proc.returncode}: {stderr}"
+            outcomes.append((label, "killed"))
+
+        # nothing new is a point; what the kill left is reported, not taken for a point
+        listing = json.loads(ic_ok("list", repo, "--json").stdout)
+        listed = {p["point_id"]: p for ch in listing["chains"] for p in ch}
+        assert set(listed) == set(expected), f"{what}: points {set(listed)} != {set(expected)}"
+        temps = temporaries(repo)
+        assert sorted(listing["leftovers"]) == temps, what
+        saw_leftovers |= bool(temps)
+        incomplete = {f for inc in listing["incomplete"] for f in inc["files"]}
+        # only a split point killed between the renames of its segments can leave files that are not temporaries
+        assert not incomplete or split, f"{what}: not a temporary, yet not a point: {listing['incomplete']}"
+        assert not incomplete & before, f"{what}: an earlier file is reported incomplete: {listing['incomplete']}"
+        point_files = {f for p in listed.values() for f in p["files"]}
+        for f in files_in(repo) - point_files - set(temps) - incomplete:
+            assert f == MARKER or (f.startswith("locks/") and f.endswith(".lock")), f"{what}: unreported file {f}"
+        # every earlier point verifies, and the parent the killed backup read from restores bit-exact
+        v = ic("verify", repo, "--json")
+        report = json.loads(v.stdout)
+        assert {p["point_id"] for p in report["points"]} == set(expected), what
+        assert all(p["ok"] for p in report["points"]), f"{what}: {report}"
+        assert sorted(report["leftovers"]) == temps, what
+        assert v.returncode == (7 if listing["incomplete"] else 0), f"{what}: {v.stdout}"
+        if temps:  # and says so in words
+            text = ic("verify", repo).stdout
+            assert all(f"leftover temporary file {t}" in text for t in temps), text
+        assert restore_to(f"{repo}::{latest}", out) == expected[latest], f"{what}: parent restores wrong"
+        restored.add(latest)
+
+        # the next backup: a stale lock is reported with the command that removes it, never taken over
+        had_lock = bool(locks(repo))
+        saw_stale_lock |= had_lock
+        p = ic("backup", vol, repo, "--json", *split)
+        if had_lock:
+            line = one_line_error(p, 9)
+            # killed after the lock file was made: it names the dead process, or is unreadable if the kill
+            # came between its creation and its write
+            assert "stale lock" in line and (f"pid {proc.pid}" in line or "unreadable" in line), line
+            command = shlex.split(line.partition("remove it with: ")[2])
+            assert command[:3] == ["imagechain", "break-lock", str(repo)], line
+            ic_ok(*command[1:])
+            assert not locks(repo)
+            p = ic("backup", vol, repo, "--json", *split)
+        assert p.returncode == 0, f"{what}: the next backup failed: {p.stderr}"
+        res = json.loads(p.stdout)
+        assert res["kind"] == "incremental" and res["sequence"] == sequence + 1, res
+        assert res["changed_blocks"] == (0 if outcomes[-1][1] == "finished" else CRASH_SIZE // BS), res
+        for t in temps:
+            assert any(t in n and "removed" in n for n in res["notices"]), f"{what}: no notice for {t}: {res}"
+        assert not temporaries(repo) and not locks(repo), what
+        expected[res["point_id"]] = want
+        latest, sequence = res["point_id"], sequence + 1
+
+    print("kill outcomes:", outcomes)
+    killed = [label for label, o in outcomes if o == "killed"]
+    assert len(killed) >= 4, f"too few backups were interrupted: {outcomes}"
+    assert saw_leftovers and saw_stale_lock, outcomes
+    # every point of the chain restores bit-exact (those restored after a kill above are not done again)
+    for pid, want in expected.items():
+        if pid in restored:
+            continue
+        assert restore_to(f"{repo}::{pid}", out) == want, f"point {pid[:8]}"
+    assert_portable(repo)
+    shutil.rmtree(repo)  # over a GiB: not worth keeping in pytest's retained temporary folders
+    vol.unlink()
+
+
+def test_ctrl_c_publishes_nothing_and_cleans_up(tmp_path: Path, repo: Path) -> None:
+    vol = tmp_path / "vol.img"
+    data = os.urandom(96 << 20)
+    vol.write_bytes(data)
+    first = backup(str(vol), str(repo), codec=CodecParams.parse("none"))
+    vol.write_bytes(os.urandom(96 << 20))
+    before = files_in(repo)
+    proc = subprocess.Popen([exe(), "backup", str(vol), str(repo)], env=dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    t0 = time.monotonic()
+    while proc.poll() is None and new_bytes(repo, before) < 16 << 20:
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "imagechain: interrupted; nothing was published"
+    assert files_in(repo) == before, "an interrupted backup left files behind"
+    # an interrupted restore removes the target it created
+    target = tmp_path / "out.img"
+    proc = subprocess.Popen([exe(), "restore", f"{repo}::default", str(target)], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    while proc.poll() is None and not target.exists():
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:  # it won the race: then what it wrote must be exact
+        assert b3(target.read_bytes()) == b3(data)
+    else:
+        assert proc.returncode == 130 and "Traceback" not in err, err
+        assert not target.exists(), "an interrupted restore left a half-written target"
+    assert verify(Repository.open(str(repo))).ok and first.point_id[:8] in ic_ok("list", repo).stdout
+
+
+# == 2. damage to image files ========================================================================
+
+
+@dataclass
+class Chain:
+    repo: Path
+    files: dict[str, Path]  # "full"/"incr" -> image file
+    ids: dict[str, str]
+    volumes: dict[str, bytes]
+    changed: list[int]  # blocks the incremental point replaced
+
+    def rel(self, which: str) -> str:
+        return self.files[which].relative_to(self.repo).as_posix()
+
+
+def make_chain(tmp_path: Path, repo: Path) -> Chain:
+    vol = tmp_path / "vol.img"
+    v0 = write_volume(vol, 4 << 20, seed=11)
+    r0 = backup(str(vol), str(repo))
+    v1 = bytearray(v0)
+    changed = [3, 17, 40]
+    rnd = random.Random(3)
+    for b in changed:
+        v1[b * BS : (b + 1) * BS] = rnd.randbytes(BS)
+    vol.write_bytes(v1)
+    r1 = backup(str(vol), str(repo))
+    assert (r0.kind, r1.kind, r1.changed_blocks) == ("full", "incremental", len(changed))
+    return Chain(repo, {"full": repo / r0.files[0], "incr": repo / r1.files[0]},
+                 {"full": r0.point_id, "incr": r1.point_id}, {"full": v0, "incr": bytes(v1)}, changed)  # fmt: skip
+
+
+def layout(path: Path) -> dict[str, tuple[int, int]]:
+    """File ranges of every part of a single-segment image file (docs/FORMAT.md); checks they tile it."""
+    raw = path.read_bytes()
+    seg = spec.SEGMENT_HEADER_SIZE
+    hlen = spec.PointHeader.length_from_prefix(raw[seg : seg + 16])
+    ft = spec.Footer.unpack(raw[-spec.FOOTER_SIZE :], path.name)
+    parts = {
+        "segment header": (0, seg),
+        "point header": (seg, seg + hlen),
+        "payloads": (seg + hlen, seg + ft.index_offset),
+        "index": (seg + ft.index_offset, seg + ft.index_offset + ft.index_length),
+        "summary": (seg + ft.summary_offset, seg + ft.summary_offset + ft.summary_length),
+        "footer": (len(raw) - spec.FOOTER_SIZE, len(raw)),
+    }
+    order = list(parts.values())
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(order)) and order[-1][1] == len(raw), parts
+    assert ft.logical_length == len(raw) - seg
+    return parts
+
+
+def flip(path: Path, pos: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def damage(chain: Chain, which: str, how: str) -> int | None:
+    """Damage one image file; returns the block number when a payload was hit."""
+    path = chain.files[which]
+    parts = layout(path)
+    if how == "payload":
+        res = open_point(str(path))
+        with PointReader(res.repo.store, res.point) as r:
+            idx = r.index()
+        data = idx[idx["kind"] == spec.BLOCK_DATA]
+        # a block the incremental point still takes from the full point (or any block of the incremental)
+        usable = [e for e in data if which == "incr" or int(e["block"]) not in chain.changed]
+        e = usable[len(usable) // 2]
+        flip(path, spec.SEGMENT_HEADER_SIZE + int(e["offset"]) + int(e["length"]) // 2)
+        return int(e["block"])
+    if how == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    elif how == "truncated to 10 bytes":
+        os.truncate(path, 10)
+    elif how == "segment magic":
+        flip(path, 0)
+    elif how == "footer magic":
+        flip(path, parts["footer"][1] - 1)
+    elif how == "point header":
+        flip(path, parts["point header"][0] + 144)  # created_us
+    else:
+        lo, hi = parts[how]
+        flip(path, (lo + hi) // 2)
+    return None
+
+
+DAMAGE = ["payload", "index", "summary", "point header", "footer", "footer magic", "segment header",
+          "segment magic", "truncated", "truncated to 10 bytes"]  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["full", "incr"])
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damage_is_detected_named_and_never_restored(tmp_path: Path, repo: Path, how: str, which: str) -> None:
+    chain = make_chain(tmp_path, repo)
+    block = damage(chain, which, how)
+    rel, name = chain.rel(which), chain.files[which].name
+    damaged_bytes = chain.files[which].read_bytes()
+
+    # library verify names the file (and the block)
+    rep = verify(Repository.open(str(repo)))
+    assert not rep.ok
+    texts = [t for p in rep.points for t in p.problems] + rep.incomplete
+    assert any(rel in t for t in texts), texts
+    if block is not None:
+        mine = next(p for p in rep.points if p.point_id == chain.ids[which])
+        assert mine.bad_blocks == [block] and not mine.ok
+        assert any(rel in t and str(block) in t for t in mine.problems), mine.problems
+    # the CLI too, with exit code 7
+    v = ic("verify", repo)
+    assert v.returncode == 7, v.stdout + v.stderr
+    assert "Traceback" not in v.stdout + v.stderr
+    assert any(rel in line for line in v.stdout.splitlines()), v.stdout
+    if block is not None:
+        assert any(rel in line and str(block) in line for line in v.stdout.splitlines()), v.stdout
+    if which == "full":  # verifying the later point alone checks what it is restored from
+        v = ic("verify", f"{repo}::{chain.ids['incr'][:8]}")
+        assert v.returncode == 7 and name in v.stdout and "Traceback" not in v.stderr, v.stdout + v.stderr
+
+    # list still shows everything: a damaged file is reported, never hides the rest of the repository
+    listing = json.loads(ic_ok("list", repo, "--json").stdout)
+    rows = {p["point_id"]: p for ch in listing["chains"] for p in ch}
+    if how in ("payload", "index", "summary"):  # still a whole point (its data is checked by verify)
+        assert set(rows) == set(chain.ids.values())
+    else:
+        assert set(rows) == set(chain.ids.values()) - {chain.ids[which]}
+        assert any(rel in inc["files"] for inc in listing["incomplete"]), listing["incomplete"]
+    if how == "summary":
+        assert rel in rows[chain.ids[which]]["problem"]
+
+    # restoring the damaged point, or one that depends on it, fails with one line and writes nothing
+    dependants = ["full", "incr"] if which == "full" else ["incr"]
+    for k, point in enumerate(dependants):
+        target = tmp_path / f"restored-{k}.img"
+        address = str(chain.files[point]) if point == which else f"{repo}::{chain.ids[point][:8]}"
+        if how == "summary":  # restore does not need the summary; what it writes must still be exact
+            ic_ok("restore", address, target)
+            assert target.read_bytes() == chain.volumes[point]
+            target.unlink()
+            continue
+        with pytest.raises(ImagechainError) as exc:
+            res = open_point(address)
+            restore(res.repo, res.point, str(target))
+        assert not target.exists(), f"{how}: a half-restored target was left behind"
+        line = one_line_error(ic("restore", address, target), exc.value.exit_code)
+        assert not target.exists()
+        if point != which:  # a dependant names the damaged parent
+            assert name in line or chain.ids[which][:8] in line, line
+            assert exc.value.exit_code == 7
+        if block is not None or how == "index":
+            assert rel in line and exc.value.exit_code == 7, line
+        if block is not None:
+            assert f"block {block}" in line, line
+    if which == "incr":  # damage to a child does not touch its parent
+        ic_ok("restore", f"{repo}::{chain.ids['full'][:8]}", tmp_path / "parent.img")
+        assert (tmp_path / "parent.img").read_bytes() == chain.volumes["full"]
+
+    # the next backup of the chain leaves the damaged file alone, for a person to inspect
+    with contextlib.suppress(ImagechainError):
+        backup(str(tmp_path / "vol.img"), str(repo))
+    assert chain.files[which].read_bytes() == damaged_bytes
+
+
+def test_damaged_block_superseded_by_the_child_only_fails_the_parent(tmp_path: Path, repo: Path) -> None:
+    chain = make_chain(tmp_path, repo)
+    res = open_point(str(chain.files["full"]))
+    with PointReader(res.repo.store, res.point) as r:
+        idx = r.index()
+    e = next(e for e in idx if int(e["block"]) in chain.changed and e["kind"] == spec.BLOCK_DATA)
+    flip(chain.files["full"], spec.SEGMENT_HEADER_SIZE + int(e["offset"]) + 5)
+    rep = verify(Repository.open(str(repo)))
+    bad = {p.point_id: p.bad_blocks for p in rep.points}
+    assert bad == {chain.ids["full"]: [int(e["block"])], chain.ids["incr"]: []}
+    ic_ok("restore", f"{repo}::{chain.ids['incr'][:8]}", tmp_path / "incr.img")
+    assert (tmp_path / "incr.img").read_bytes() == chain.volumes["incr"]
+    line = one_line_error(ic("restore", f"{repo}::{chain.ids['full'][:8]}", tmp_path / "full.img"), 7)
+    assert chain.rel("full") in line and f"block {int(e['block'])}" in line
+    assert not (tmp_path / "full.img").exists()
+
+
+def _remade_full(tmp_path: Path, chain: Chain, monkeypatch: pytest.MonkeyPatch, same_ids: bool) -> Path:
+    """A full point of slightly different data, made in another repository; with same_ids it carries the
+    point id and chain id of the chain's full point (a re-made backup), else its own (another chain)."""
+    other_repo = tmp_path / "other-repo"
+    vol = tmp_path / "vol.img"
+    data = bytearray(chain.volumes["full"])
+    data[100_000:100_010] = b"0123456789"
+    vol.write_bytes(data)
+    if same_ids:
+        chain_id = open_point(str(chain.files["full"])).point.header.chain_id.hex
+        ids = iter([uuid.UUID(chain_id), uuid.UUID(chain.ids["full"])])
+        monkeypatch.setattr(uuid, "uuid4", lambda: next(ids))
+    r = backup(str(vol), str(other_repo))
+    monkeypatch.undo()
+    assert (r.point_id == chain.ids["full"]) == same_ids
+    return other_repo / r.files[0]
+
+
+@pytest.mark.parametrize("same_ids", [True, False], ids=["re-made with the same ids", "from another chain"])
+def test_replaced_parent_is_named_as_not_the_state_the_child_was_made_from(
+    tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch, same_ids: bool
+) -> None:
+    chain = make_chain(tmp_path, repo)
+    replacement = _remade_full(tmp_path, chain, monkeypatch, same_ids)
+    os.replace(replacement, chain.files["full"])
+    full_name, incr8 = chain.files["full"].name, chain.ids["incr"][:8]
+    rep = verify(Repository.open(str(repo)))
+    child = next(p for p in rep.points if p.point_id == chain.ids["incr"])
+    assert not child.ok and any(full_name in t for t in child.problems), child.problems
+    assert any("not the state it was made from" in t or "not the point" in t for t in child.problems)
+    line = one_line_error(ic("restore", f"{repo}::{incr8}", tmp_path / "out.img"), 7)
+    assert full_name in line and chain.ids["full"][:8] in line, line
+    assert "replaced" in line, line
+    assert not (tmp_path / "out.img").exists()
+    v = ic("verify", repo)
+    assert v.returncode == 7 and full_name in v.stdout
+
+
+def test_missing_parent_is_named(tmp_path: Path, repo: Path) -> None:
+    chain = make_chain(tmp_path, repo)
+    chain.files["full"].unlink()
+    full_name, full8 = chain.files["full"].name, chain.ids["full"][:8]
+    rep = verify(Repository.open(str(repo)))
+    assert [p.point_id for p in rep.points] == [chain.ids["incr"]] and not rep.ok
+    assert any(full8 in t and full_name in t and "missing" in t for t in rep.points[0].problems)
+    line = one_line_error(ic("restore", f"{repo}::default", tmp_path / "out.img"), 7)
+    assert full8 in line and full_name in line and "missing" in line, line
+    assert not (tmp_path / "out.img").exists()
+    v = ic("verify", repo)
+    assert v.returncode == 7 and full_name in v.stdout
+
+
+# == 3. bad input ===================================================================================
+
+
+@pytest.fixture
+def small_vol(tmp_path: Path) -> tuple[Path, bytes]:
+    vol = tmp_path / "small.img"
+    return vol, write_volume(vol, 1 << 20, seed=5)
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, options: str) -> Iterator[Path]:
+    need_root()
+    need_tool("mount", "umount")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)], capture_output=True,
+                       text=True)  # fmt: skip
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "char device", "fifo", "empty"])
+def test_bad_source(tmp_path: Path, repo: Path, kind: str) -> None:
+    src = {"missing": tmp_path / "nope.img", "directory": tmp_path, "char device": Path("/dev/null"),
+           "fifo": tmp_path / "fifo", "empty": tmp_path / "empty.img"}[kind]  # fmt: skip
+    if kind == "fifo":
+        os.mkfifo(src)
+    if kind == "empty":
+        src.write_bytes(b"")
+    line = one_line_error(ic("backup", src, repo, timeout=30), 3)
+    assert str(src) in line or src.name in line, line
+    assert not any(f.endswith(".icimg") for f in (files_in(repo) if repo.exists() else ()))
+
+
+def test_unreadable_source(tmp_path: Path, repo: Path, small_vol: tuple[Path, bytes]) -> None:
+    """A file without read permission: root reads every file, so run without CAP_DAC_OVERRIDE."""
+    need_tool("setpriv")
+    src = small_vol[0]
+    os.chmod(src, 0)
+    p = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", exe(), "backup", str(src),
+                        str(repo)], capture_output=True, text=True, env=dict(os.environ), timeout=60)  # fmt: skip
+    line = one_line_error(p, 3)
+    assert "Permission denied" in line and str(src) in line, line
+    assert not repo.exists()
+
+
+def test_repository_not_writable(tmp_path: Path, small_vol: tuple[Path, bytes]) -> None:
+    vol, content = small_vol
+    (tmp_path / "plain-file").write_bytes(b"x")
+    line = one_line_error(ic("backup", vol, tmp_path / "plain-file" / "repo"), 4)
+    assert "plain-file" in line
+    line = one_line_error(ic("backup", vol, tmp_path / "plain-file"), 4)
+    assert "not a folder" in line
+    one_line_error(ic("list", tmp_path / "no-such-repo"), 4)
+    with tmpfs(tmp_path / "ro", "ro,size=4m") as ro:
+        line = one_line_error(ic("backup", vol, ro / "repo"), 4)
+        assert str(ro / "repo") in line
+    with tmpfs(tmp_path / "rw", "size=8m") as rw:
+        repo = rw / "repo"
+        first = json.loads(ic_ok("backup", vol, repo, "--json").stdout)
+        subprocess.run(["mount", "-o", "remount,ro", str(rw)], check=True)
+        vol.write_bytes(content[:-BS] + bytes(BS))
+        one_line_error(ic("backup", vol, repo), 4)
+        assert [p["point_id"] for ch in json.loads(ic_ok("list", repo, "--json").stdout)["chains"] for p in ch] \
+            == [first["point_id"]]  # fmt: skip
+        ic_ok("verify", repo)
+        ic_ok("restore", f"{repo}::default", tmp_path / "out.img")
+        assert (tmp_path / "out.img").read_bytes() == content
+
+
+def test_full_disk(tmp_path: Path, small_vol: tuple[Path, bytes]) -> None:
+    vol, small = small_vol
+    with tmpfs(tmp_path / "usb", "size=8m") as mnt:
+        repo = mnt / "repo"
+        first = json.loads(ic_ok("backup", vol, repo, "--json", "--compression", "none").stdout)
+        big = os.urandom(32 << 20)
+        vol.write_bytes(big)
+        line = one_line_error(ic("backup", vol, repo), 10)
+        assert "full" in line or "space" in line.lower(), line
+        left = sorted(files_in(repo) - {MARKER, *first["files"]})
+        assert left == [], f"left behind after a full disk: {left}"
+        listing = json.loads(ic_ok("list", repo, "--json").stdout)
+        assert [p["point_id"] for ch in listing["chains"] for p in ch] == [first["point_id"]]
+        assert listing["incomplete"] == [] and listing["leftovers"] == []
+        assert "1 point(s) checked, 0 problem(s)" in ic_ok("verify", repo).stdout
+        ic_ok("restore", f"{repo}::default", tmp_path / "out.img")
+        assert (tmp_path / "out.img").read_bytes() == small
+        # the space of the failed attempt was given back: a small backup fits again
+        vol.write_bytes(small[:BS] + bytes(BS) + small[2 * BS :])
+        again = json.loads(ic_ok("backup", vol, repo, "--json").stdout)
+        assert again["kind"] == "incremental" and again["changed_blocks"] == 1
+        assert_portable(repo)
+
+
+@pytest.mark.parametrize("args", [["--block-size", "3000"], ["--block-size", "2K"], ["--block-size", "32M"],
+                                  ["--block-size", "0"], ["--block-size", "lots"], ["--split-size", "100K"],
+                                  ["--compression", "gzip"], ["--compression", "zstd:99"]])  # fmt: skip
+def test_bad_arguments(tmp_path: Path, repo: Path, small_vol: tuple[Path, bytes], args: list[str]) -> None:
+    line = one_line_error(ic("backup", small_vol[0], repo, *args), 2)
+    what = {"--block-size": "block size", "--split-size": "split size", "--compression": "zstd"}[args[0]]
+    assert args[1] in line or what in line, line
+    assert not repo.exists(), "a bad argument must be refused before anything is written"
+
+
+def test_bad_restore_targets(tmp_path: Path, repo: Path, small_vol: tuple[Path, bytes]) -> None:
+    vol, content = small_vol
+    backup(str(vol), str(repo))
+    existing = tmp_path / "existing.img"
+    existing.write_bytes(b"precious" * 1000)
+    line = one_line_error(ic("restore", f"{repo}::default", existing), 8)
+    assert "--force" in line and existing.read_bytes() == b"precious" * 1000
+    one_line_error(ic("restore", f"{repo}::default", tmp_path), 8)
+    one_line_error(ic("restore", f"{repo}::default", tmp_path / "no-dir" / "x.img"), 8)
+    # a block device smaller than the volume
+    need_root()
+    image = tmp_path / "small-disk.img"
+    image.write_bytes(bytes(256 << 10))
+    with loop_device(image) as dev:
+        line = one_line_error(ic("restore", f"{repo}::default", dev, "--force"), 8)
+        assert dev in line and str(len(content)) in line, line
+    assert image.read_bytes() == bytes(256 << 10), "the too-small device was written to"
+
+
+def test_unknown_and_ambiguous_points(tmp_path: Path, repo: Path, small_vol: tuple[Path, bytes],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    vol, _ = small_vol
+    backup(str(vol), str(repo))
+    out = tmp_path / "out.img"
+    for address in ("nosuchchain", "deadbeef", "default@5", "default@-3", "nohost/small.img/default"):
+        line = one_line_error(ic("restore", f"{repo}::{address}", out), 5)
+        assert address.partition("@")[0] in line, line
+    one_line_error(ic("info", tmp_path / "not-an-image.icimg"), 5)
+    one_line_error(ic("restore", f"{repo}::default@yesterdayish", out), 2)
+    one_line_error(ic("info", f"{tmp_path / 'no-repo'}::default"), 4)
+    # two chains of one source: an address that names no chain, or the repository alone, is ambiguous
+    backup(str(vol), str(repo), chain="other")
+    for address in (f"{repo}::", str(repo)):
+        line = one_line_error(ic("restore", address, out), 6)
+        assert "small.img/default" in line and "small.img/other" in line, line
+    # a chain name that two sources have is ambiguous until the source is named
+    vol2 = tmp_path / "second.img"
+    write_volume(vol2, 1 << 20, seed=6)
+    backup(str(vol2), str(repo))
+    line = one_line_error(ic("restore", f"{repo}::default", out), 6)
+    assert "small.img/default" in line and "second.img/default" in line, line
+    assert json.loads(ic_ok("info", f"{repo}::second.img/default", "--json").stdout)["source"] == "second.img"
+    # two points whose ids share their first 4 hex digits
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID("abcd" + os.urandom(14).hex()))
+    backup(str(vol), str(repo), chain="third")
+    backup(str(vol), str(repo), chain="third")
+    monkeypatch.undo()
+    line = one_line_error(ic("restore", f"{repo}::abcd", out), 6)
+    assert "abcd" in line and "2 points" in line, line
+    assert not out.exists()
+
+
+def test_concurrent_backups_of_one_chain(tmp_path: Path, repo: Path) -> None:
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(os.urandom(96 << 20))
+    proc = subprocess.Popen([exe(), "backup", str(vol), str(repo), "--compression", "none"], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    stopped = False
+    try:
+        t0 = time.monotonic()
+        while not locks(repo):
+            assert proc.poll() is None, f"the first backup ended before taking its lock: {proc.stderr}"
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGSTOP)  # hold it mid-backup, lock taken
+        stopped = True
+        assert locks(repo) and proc.poll() is None, "the first backup finished before it could be held"
+        line = one_line_error(ic("backup", vol, repo), 9)
+        assert f"pid {proc.pid}" in line and "held by" in line, line
+        lock_id = locks(repo)[0].stem
+        one_line_error(ic("break-lock", repo, lock_id), 1)  # a live lock is not removed without --force
+        assert locks(repo)
+        other = json.loads(ic_ok("backup", vol, repo, "--chain", "other", "--json").stdout)
+        assert other["kind"] == "full" and other["chain"] == "other"
+    finally:
+        if stopped:
+            os.kill(proc.pid, signal.SIGCONT)
+        _out, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert not locks(repo)
+    listing = json.loads(ic_ok("list", repo, "--json").stdout)
+    assert sorted(ch[0]["chain"] for ch in listing["chains"]) == ["default", "other"]
+    ic_ok("verify", repo)
+    for chain in ("default", "other"):
+        assert restore_to(f"{repo}::{chain}", tmp_path / "out.img") == b3(vol.read_bytes())

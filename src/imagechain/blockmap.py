@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -103,6 +104,7 @@ class CacheWriter:
             return
         try:
             os.makedirs(cache_dir, exist_ok=True)
+            _remove_old_temporaries(cache_dir)
             self.tmp = os.path.join(cache_dir, f".tmp-{secrets.token_hex(6)}.map")
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.pwrite(self.fd, CACHE_MAGIC + struct.pack("<QIQ", volume_size, block_size, self.n), 0)
@@ -136,6 +138,18 @@ class CacheWriter:
             try:
                 os.unlink(self.tmp)
             except (OSError, AttributeError):
+                pass
+
+
+def _remove_old_temporaries(cache_dir: str, older_than: float = 86400.0) -> None:
+    """Temporaries of killed backups; a day old is long dead (the cache is local, so mtimes are fine)."""
+    now = time.time()
+    for entry in os.scandir(cache_dir):
+        if entry.name.startswith(".tmp-") and entry.name.endswith(".map"):
+            try:
+                if now - entry.stat().st_mtime > older_than:
+                    os.unlink(entry.path)
+            except OSError:
                 pass
 
 

@@ -21,6 +21,7 @@ from .stores import Store
 
 REFRESH_EVERY = 60.0
 STALE_AFTER = 3600.0
+UNREADABLE_GRACE = 2.0  # an empty lock file may be one whose owner is still writing it
 LOCK_DIR = "locks"
 
 
@@ -96,6 +97,9 @@ class ChainLock:
             self._start_refresh()
             return
         st = inspect_lock(self.store, self.name, self.me)
+        if st is not None and not st.info:  # maybe caught between its creation and its write: look again
+            time.sleep(UNREADABLE_GRACE)
+            st = inspect_lock(self.store, self.name, self.me)
         if st is None:  # released between our attempt and the look: try once more
             if self.store.create_exclusive(self.name, self._payload()):
                 self._start_refresh()

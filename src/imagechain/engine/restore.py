@@ -105,7 +105,6 @@ def restore(
     cat = repo.catalog()
     points = lineage(cat, point)
     bm = resolve(repo.store, points)  # proves the map against the point's state digest
-    fd, is_dev, fresh = _open_target(target, bm.volume_size, delta, force)
     payloads = PayloadSource(repo, points, bm)
     bs, size = bm.block_size, bm.volume_size
     per_chunk = max(1, CHUNK_BYTES // bs)
@@ -145,8 +144,9 @@ def restore(
         raws = verified(differ, payloads.fetch(np.array(differ, np.int64)))
         return s, e, sorted(zeros + list(raws.items())), len(differ)
 
-    progress.start("restore", size)
+    fd, is_dev, fresh = _open_target(target, bm.volume_size, delta, force)
     try:
+        progress.start("restore", size)
         for s, e, writes, nchecked in ordered_map(work, prefetch(plan(), 3), threads, threads * 2):
             checked += nchecked
             for off, buf in _coalesce(writes, bs):
@@ -187,9 +187,12 @@ def _open_target(target: str, size: int, delta: bool, force: bool) -> tuple[int,
             raise TargetError(f"cannot create restore target {target}: {e.strerror}") from e
         try:
             os.ftruncate(fd, size)
-        except OSError as e:
+        except BaseException as e:
             os.close(fd)
-            raise TargetError(f"cannot size restore target {target}: {e.strerror}") from e
+            os.unlink(target)
+            if isinstance(e, OSError):
+                raise TargetError(f"cannot size restore target {target}: {e.strerror}") from e
+            raise
         return fd, False, True
     if stat.S_ISDIR(st.st_mode):
         raise TargetError(f"restore target is a folder: {target}")

@@ -665,7 +665,8 @@ class Bench:
         log(f"timed steps (page cache dropped before each); settle read took {time.perf_counter() - t:.2f} s")
         self.cold_read("read0/baseline", "cold read")
         full = self.timed("full/imagechain", "full backup", "imagechain",
-                          [self.ic("backup", str(self.img), str(repo), "--json")],
+                          [self.ic("backup", str(self.img), str(repo), "--json",
+                                   *(["--block-size", self.args.block_size] if self.args.block_size else []))],
                           stdout=self.logs / "full-imagechain.json", grows=repo)  # fmt: skip
         fj = self.ic_json("full/imagechain")
         full.extra = {k: fj[k] for k in ("block_size", "read_bytes", "changed_bytes", "stored_bytes", "file_bytes",
@@ -885,6 +886,7 @@ def main() -> int:
     ap.add_argument("--quiet-wait", type=float, default=300, metavar="SECONDS",
                     help="before each timed step wait up to this long for other processes to go quiet "
                     "(default 300; 0: don't)")  # fmt: skip
+    ap.add_argument("--block-size", help="imagechain block size for the chain (default: imagechain's)")
     ap.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED})")
     args = ap.parse_args()
     args.workdir = args.workdir.resolve()

@@ -165,6 +165,20 @@ def segment_name_hint(last_name: str, number: int) -> str:
     return f"{base}.s{number:03d}{EXTENSION}" if number else f"{base}{EXTENSION}"
 
 
+def _decompress_frames(raw: bytes) -> bytes:
+    """All zstd frames of raw, back to back (the index is written as one frame per 64 Ki entries)."""
+    dctx = zstandard.ZstdDecompressor()
+    parts = []
+    rest = raw
+    while rest:
+        obj = dctx.decompressobj()
+        parts.append(obj.decompress(rest))
+        if not obj.eof:
+            raise zstandard.ZstdError("truncated frame")
+        rest = obj.unused_data
+    return b"".join(parts)
+
+
 class PointReader:
     """Random access to one point's logical stream across its segments."""
 
@@ -211,7 +225,7 @@ class PointReader:
         if spec.b3(raw) != ft.index_digest:
             raise IntegrityError(f"{self.files.name}: index checksum mismatch")
         try:
-            data = b"".join(zstandard.ZstdDecompressor().read_to_iter(raw)) if raw else b""
+            data = _decompress_frames(raw)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"{self.files.name}: index does not decompress: {e}") from e
         if len(data) != ft.index_count * spec.INDEX_ENTRY.itemsize:

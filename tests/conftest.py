@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +65,17 @@ def write_volume(path: Path, size: int, seed: int = 0, zero_fraction: float = 0.
         pos += n
     path.write_bytes(out)
     return bytes(out)
+
+
+def exe() -> str:
+    """The installed console script: the CLI tests run what a user runs."""
+    here = Path(sys.executable).parent / "imagechain"
+    if here.exists():
+        return str(here)
+    found = shutil.which("imagechain")
+    if found is None:
+        pytest.skip("the imagechain console script is not installed")
+    return found
 
 
 def need_root() -> None:

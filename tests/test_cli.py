@@ -8,9 +8,7 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,20 +17,11 @@ import pytest
 
 import imagechain
 
-from .conftest import write_volume
+from .conftest import exe, write_volume
 
 BS = 64 << 10
 COMMANDS = ("backup", "list", "info", "restore", "verify", "break-lock")
 
-
-def exe() -> str:
-    here = Path(sys.executable).parent / "imagechain"
-    if here.exists():
-        return str(here)
-    found = shutil.which("imagechain")
-    if found is None:
-        pytest.skip("the imagechain console script is not installed")
-    return found
 
 
 def ic(*args: object) -> subprocess.CompletedProcess[str]:

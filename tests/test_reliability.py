@@ -15,7 +15,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,21 +36,12 @@ from imagechain.format.reader import PointReader
 from imagechain.repository import MARKER, Repository
 from imagechain.stores import TEMP_MARK
 
-from .conftest import assert_portable, loop_device, need_root, need_tool, write_volume
+from .conftest import assert_portable, exe, loop_device, need_root, need_tool, write_volume
 
 BS = 64 << 10  # the default block size
 
 # -- running the console script --------------------------------------------------------------------
 
-
-def exe() -> str:
-    here = Path(sys.executable).parent / "imagechain"
-    if here.exists():
-        return str(here)
-    found = shutil.which("imagechain")
-    if found is None:
-        pytest.skip("the imagechain console script is not installed")
-    return found
 
 
 def ic(*args: object, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from .. import __version__
 from ..blockmap import BlockMap, CacheWriter, StateHasher, block_count, default_cache_dir, load_cached
 from ..chain import lineage, resolve
 from ..codec import CodecParams, encode
-from ..errors import ChainBrokenError, ImagechainError, UsageError
+from ..errors import ChainBrokenError, UsageError
 from ..format import spec
 from ..format.writer import ImageWriter
 from ..identity import HostIdentity, local_host
@@ -69,6 +69,27 @@ class BackupResult:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass
+class _Stats:
+    """What one pass over the volume found; becomes the point's summary."""
+
+    blocks: int
+    volume_size: int
+    read_bytes: int = 0
+    changed_blocks: int = 0
+    changed_bytes: int = 0
+    stored_blocks: int = 0
+    stored_bytes: int = 0
+    data_blocks: int = 0
+    zero_blocks: int = 0
+    state: bytes = b""
+
+    def summary(self, duration_s: float) -> dict[str, object]:
+        out: dict[str, object] = {k: v for k, v in asdict(self).items() if k != "state"}
+        return {**out, "duration_s": round(duration_s, 3),
+                "finished": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
 
 
 @dataclass
@@ -179,43 +200,28 @@ def _backup_locked(
     cachew = CacheWriter(cache, src.size, bs)
     try:
         stats = _run(src, bs, codec, pmap, writer, cachew, threads, progress)
-        state = stats.pop("state")
-        assert isinstance(state, bytes)
-        summary = {**stats, "duration_s": round(time.monotonic() - t0, 3),
-                   "finished": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
-        files = writer.finish(state, summary)
-    except BaseException as e:
+        files = writer.finish(stats.state, stats.summary(time.monotonic() - t0))
+    except BaseException:
         writer.abort()
         cachew.abort()
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        if isinstance(e, OSError) and not isinstance(e, ImagechainError):
-            from ..stores.local import _raise_io
-
-            _raise_io(e, base)
         raise
-    cachew.commit(point_id, state)
+    cachew.commit(point_id, stats.state)
     for n in notices:
         progress.notice(n)
     return BackupResult(
         point_id=str(point_id), chain_id=str(chain_id), chain=chain, host=host.name, source=src.name,
         kind="incremental" if parent else "full", sequence=sequence, files=files, volume_size=src.size,
-        block_size=bs, read_bytes=_int(stats["read_bytes"]), changed_blocks=_int(stats["changed_blocks"]),
-        changed_bytes=_int(stats["changed_bytes"]), stored_bytes=_int(stats["stored_bytes"]),
+        block_size=bs, read_bytes=stats.read_bytes, changed_blocks=stats.changed_blocks,
+        changed_bytes=stats.changed_bytes, stored_bytes=stats.stored_bytes,
         file_bytes=sum(repo.store.size(f) for f in files), duration_s=time.monotonic() - t0,
-        state_digest=state.hex(), notices=notices,
+        state_digest=stats.state.hex(), notices=notices,
     )  # fmt: skip
-
-
-def _int(v: object) -> int:
-    assert isinstance(v, int)
-    return v
 
 
 def _run(
     src: Source, bs: int, codec: CodecParams, pmap: BlockMap | None, writer: ImageWriter,
     cachew: CacheWriter, threads: int, progress: Progress,
-) -> dict[str, object]:  # fmt: skip
+) -> _Stats:  # fmt: skip
     size = src.size
     n_total = block_count(size, bs)
     per_chunk = max(1, CHUNK_BYTES // bs)
@@ -265,7 +271,7 @@ def _run(
         return _Chunk(start, kinds, digests, idx, payloads, raw)
 
     state = StateHasher(size, bs)
-    read = changed_blocks = changed_bytes = stored = data_blocks = zero_blocks = stored_blocks = 0
+    st = _Stats(n_total, size)
     progress.start("backup", size)
     try:
         for ch in ordered_map(work, prefetch(chunks(), 3), threads, threads * 2):  # type: ignore[arg-type]
@@ -286,23 +292,21 @@ def _run(
                 ent["offset"][rows] = [writer.append(p) for _, p in ch.payloads]
                 lengths = [len(p) for _, p in ch.payloads]
                 ent["length"][rows] = lengths
-                stored += sum(lengths)
-                stored_blocks += len(rows)
+                st.stored_bytes += sum(lengths)
+                st.stored_blocks += len(rows)
                 writer.add_entries(_merge_zero_runs(ent))
-            changed_blocks += k
-            changed_bytes += ch.raw_changed
+            st.changed_blocks += k
+            st.changed_bytes += ch.raw_changed
             z = int(np.count_nonzero(ch.kinds == spec.BLOCK_ZERO))
-            zero_blocks += z
-            data_blocks += n - z
+            st.zero_blocks += z
+            st.data_blocks += n - z
             nbytes = min(n * bs, size - ch.start * bs)
-            read += nbytes
+            st.read_bytes += nbytes
             progress.advance(nbytes)
     finally:
         progress.stop()
-    return {"state": state.digest(), "read_bytes": read, "changed_blocks": changed_blocks,
-            "changed_bytes": changed_bytes, "stored_bytes": stored, "stored_blocks": stored_blocks,
-            "data_blocks": data_blocks, "zero_blocks": zero_blocks, "blocks": n_total,
-            "volume_size": size}  # fmt: skip
+    st.state = state.digest()
+    return st
 
 
 def _merge_zero_runs(ent: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import zstandard
 from ..errors import IntegrityError
 from ..stores import RandomReader, Store, StoreEntry
 from . import spec
+from .writer import EXTENSION, segment_name, split_segment_name
 
 HEAD_READ = 4096
 
@@ -38,8 +39,6 @@ def scan_file(store: Store, entry: StoreEntry) -> SegmentFile | None:
 
     A file named like an image file (.icimg) that does not start with a segment header is reported
     (segment number -1 and a problem), never silently ignored: it is a damaged or truncated point."""
-    from .writer import EXTENSION
-
     named_image = entry.name.endswith(EXTENSION)
     if entry.size < spec.SEGMENT_HEADER_SIZE:
         return _unusable(entry, f"{entry.name}: truncated to {entry.size} bytes") if named_image else None
@@ -120,12 +119,14 @@ def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> tuple[PointFiles 
             chosen[n] = f
     missing = [i for i, f in enumerate(chosen) if f is None]
     if missing:
-        names = ", ".join(f"segment {i} ({segment_name_hint(last.name, i)})" for i in missing)
+        base = split_segment_name(last.name)[0]
+        names = ", ".join(f"segment {i} ({segment_name(base, i)})" for i in missing)
         return None, f"point {short} is missing {names} of {count}"
     segs = [f for f in chosen if f is not None]
-    misnamed = [f for f in segs if _named_number(f.name) not in (None, f.seg.number)]
+    stated = {f.name: split_segment_name(f.name)[1] for f in segs}
+    misnamed = [f for f in segs if stated[f.name] not in (None, f.seg.number)]
     if misnamed:
-        which = "; ".join(f"{f.name} holds segment {f.seg.number}, not {_named_number(f.name)}" for f in misnamed)
+        which = "; ".join(f"{f.name} holds segment {f.seg.number}, not {stated[f.name]}" for f in misnamed)
         return None, f"point {short}: segment files swapped or misnamed: {which}"
     expect = 0
     for f in segs:
@@ -143,26 +144,6 @@ def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> tuple[PointFiles 
     if spec.b3(header.pack()) != footer.header_digest:
         return None, f"point {short}: {segs[0].name}: header does not match the footer (altered header)"
     return PointFiles(header, footer, segs), ""
-
-
-def _named_number(name: str) -> int | None:
-    """The segment number a file name states (`.sNNN` before the extension); None when it states none."""
-    from .writer import EXTENSION
-
-    base = name.rpartition("/")[2]
-    base = base[: -len(EXTENSION)] if base.endswith(EXTENSION) else base
-    stem, dot, num = base.rpartition(".s")
-    return int(num) if dot and stem and len(num) >= 3 and num.isdigit() else None
-
-
-def segment_name_hint(last_name: str, number: int) -> str:
-    from .writer import EXTENSION
-
-    base = last_name.rpartition("/")[2]
-    base = base[: -len(EXTENSION)] if base.endswith(EXTENSION) else base
-    if len(base) > 5 and base[-5] == "." and base[-4] == "s" and base[-3:].isdigit():
-        base = base[:-5]
-    return f"{base}.s{number:03d}{EXTENSION}" if number else f"{base}{EXTENSION}"
 
 
 def _decompress_frames(raw: bytes) -> bytes:

@@ -6,6 +6,7 @@ published, the segment holding the footer last, so no reader ever sees a footer 
 from __future__ import annotations
 
 import json
+import re
 
 import blake3
 import numpy as np
@@ -22,6 +23,16 @@ WRITE_BUFFER = 4 << 20
 
 def segment_name(base: str, number: int) -> str:
     return f"{base}{EXTENSION}" if number == 0 else f"{base}.s{number:03d}{EXTENSION}"
+
+
+_SEGMENT_SUFFIX = re.compile(r"(?<=.)\.s(\d{3,})$")
+
+
+def split_segment_name(name: str) -> tuple[str, int | None]:
+    """(base, the segment number the file name states, or None) for a name made by segment_name."""
+    base = name.rpartition("/")[2].removesuffix(EXTENSION)
+    m = _SEGMENT_SUFFIX.search(base)
+    return (base[: m.start()], int(m.group(1))) if m else (base, None)
 
 
 class ImageWriter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -251,8 +252,6 @@ def restore(point: str, dest: str, delta: bool, force: bool, as_json: bool) -> N
 @handle_errors
 def verify(target: str, as_json: bool) -> None:
     """Verify a whole repository, or one point: structure, checksums, links and every block digest."""
-    import os
-
     if "::" not in target and os.path.isdir(target):
         repo, only, cat = Repository.open(target), None, None
     else:

@@ -3,6 +3,7 @@ and tests/test_format_spec.py keeps the two in step."""
 
 from __future__ import annotations
 
+import json
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -146,8 +147,6 @@ class PointHeader:
         return -(-self.volume_size // self.block_size)
 
     def pack(self) -> bytes:
-        import json
-
         meta = json.dumps(self.metadata, sort_keys=True, ensure_ascii=False).encode()
         length = HEADER_FIXED_SIZE + len(self.key_material) + len(meta) + HEADER_MAC_SIZE
         fixed = HEADER_FIXED.pack(
@@ -164,8 +163,6 @@ class PointHeader:
 
     @classmethod
     def unpack(cls, raw: bytes, name: str) -> PointHeader:
-        import json
-
         if len(raw) < HEADER_FIXED_SIZE or raw[:8] != HEADER_MAGIC:
             raise IntegrityError(f"{name}: point header missing (bad magic)")
         f = HEADER_FIXED.unpack(raw[:HEADER_FIXED_SIZE])

@@ -45,3 +45,30 @@ def test_index_of_many_frames_is_read_whole(tmp_path: Path, repo: Path, monkeypa
         out = tmp_path / f"out{sel[1:]}.img"
         restore(res.repo, res.point, str(out))
         assert out.read_bytes() == want
+
+
+def test_verify_reads_each_index_a_bounded_number_of_times(tmp_path: Path, repo: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Verifying a chain in order proves each map from its parent's: index reads grow linearly with
+    the chain, not quadratically (a year of dailies would otherwise re-read the full index 365 times)."""
+    from imagechain.engine.verify import verify
+    from imagechain.format.reader import PointReader
+    from imagechain.repository import Repository
+
+    vol = tmp_path / "vol.img"
+    data = bytearray(write_volume(vol, 1 << 20, seed=9))
+    n = 8
+    for i in range(n):
+        data[i * 70_000 : i * 70_000 + 10] = b"changed %d" % i
+        vol.write_bytes(data)
+        backup(str(vol), str(repo))
+    reads = []
+    original = PointReader.index
+
+    def counting(self: PointReader):  # type: ignore[no-untyped-def]
+        reads.append(self.files.point_id)
+        return original(self)
+
+    monkeypatch.setattr(PointReader, "index", counting)
+    report = verify(Repository.open(str(repo)))
+    assert report.ok and len(report.points) == n
+    assert len(reads) == 2 * n  # once for the payload check, once for the map proof

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..blockmap import BlockMap
-from ..chain import Catalog, describe, lineage, resolve
+from ..chain import Catalog, MapProver, describe, lineage
 from ..codec import decode
 from ..errors import ImagechainError, IntegrityError
 from ..format import spec
@@ -65,14 +65,15 @@ def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | N
     total = sum(p.footer.index_count for p in targets)
     progress.start("verify", max(total, 1))
     try:
+        maps = MapProver(repo.store, cat)
         for p in targets:
-            report.points.append(_verify_point(repo, cat, p, threads or default_threads(), progress))
+            report.points.append(_verify_point(repo, maps, p, threads or default_threads(), progress))
     finally:
         progress.stop()
     return report
 
 
-def _verify_point(repo: Repository, cat: Catalog, p: PointFiles, threads: int, progress: Progress) -> PointReport:
+def _verify_point(repo: Repository, maps: MapProver, p: PointFiles, threads: int, progress: Progress) -> PointReport:
     rep = PointReport(str(p.point_id), p.name, True)
     try:
         with PointReader(repo.store, p) as r:
@@ -82,7 +83,7 @@ def _verify_point(repo: Repository, cat: Catalog, p: PointFiles, threads: int, p
         if rep.bad_blocks:
             shown = ", ".join(map(str, rep.bad_blocks[:20])) + (" ..." if len(rep.bad_blocks) > 20 else "")
             rep.problems.append(f"{p.name}: {len(rep.bad_blocks)} corrupt block(s): {shown}")
-        resolve(repo.store, lineage(cat, p), locations=False)
+        maps.prove(p)
     except ImagechainError as e:
         rep.problems.append(str(e))
     rep.ok = not rep.problems

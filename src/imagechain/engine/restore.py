@@ -110,26 +110,22 @@ def restore(
     per_chunk = max(1, CHUNK_BYTES // bs)
     written = written_blocks = checked = 0
 
-    def plan() -> Iterator[tuple[int, int, list[bytes] | None]]:
+    def data_blocks(s: int, e: int) -> list[int]:
+        return (np.flatnonzero(bm.kind[s:e] == spec.BLOCK_DATA) + s).tolist()
+
+    def plan() -> Iterator[tuple[int, int, list[int], list[bytes] | None]]:
         for s in range(0, bm.count, per_chunk):
             e = min(bm.count, s + per_chunk)
-            # a delta restore fetches only the payloads of blocks that differ, once it knows which
-            yield s, e, None if delta else payloads.fetch(np.flatnonzero(bm.kind[s:e] == spec.BLOCK_DATA) + s)
+            if delta:  # fetches only the payloads of blocks that differ, once it knows which
+                yield s, e, [], None
+            else:
+                blocks = data_blocks(s, e)
+                yield s, e, blocks, payloads.fetch(np.array(blocks, np.int64))
 
     def verified(blocks: list[int], fetched: list[bytes]) -> dict[int, bytes]:
         return {b: payloads.check(b, p) for b, p in zip(blocks, fetched, strict=True)}
 
-    def work(item: tuple[int, int, list[bytes] | None]) -> tuple[int, int, list[tuple[int, bytes]], int]:
-        s, e, fetched = item
-        if fetched is None:
-            return _delta_chunk(s, e)
-        data = (np.flatnonzero(bm.kind[s:e] == spec.BLOCK_DATA) + s).tolist()
-        raws = verified(data, fetched)
-        if fresh:
-            return s, e, sorted(raws.items()), len(data)
-        return s, e, [(b, raws.get(b) or bytes(bm.raw_length(b))) for b in range(s, e)], len(data)
-
-    def _delta_chunk(s: int, e: int) -> tuple[int, int, list[tuple[int, bytes]], int]:
+    def delta_chunk(s: int, e: int) -> tuple[int, int, list[tuple[int, bytes]], int]:
         start, end = s * bs, min(size, e * bs)
         current = memoryview(_pread_full(fd, end - start, start))
         differ: list[int] = []
@@ -143,6 +139,15 @@ def restore(
                 differ.append(b)
         raws = verified(differ, payloads.fetch(np.array(differ, np.int64)))
         return s, e, sorted(zeros + list(raws.items())), len(differ)
+
+    def work(item: tuple[int, int, list[int], list[bytes] | None]) -> tuple[int, int, list[tuple[int, bytes]], int]:
+        s, e, blocks, fetched = item
+        if fetched is None:
+            return delta_chunk(s, e)
+        raws = verified(blocks, fetched)
+        if fresh:
+            return s, e, sorted(raws.items()), len(blocks)
+        return s, e, [(b, raws.get(b) or bytes(bm.raw_length(b))) for b in range(s, e)], len(blocks)
 
     fd, is_dev, fresh = _open_target(target, bm.volume_size, delta, force)
     try:

@@ -55,15 +55,20 @@ def test_struct_tables_match_code(marker: str, fmt: str, total: int) -> None:
     check(doc_table(marker), struct_fields(fmt), total)
 
 
-def test_index_entry_table_matches_dtype() -> None:
-    rows = doc_table("struct: INDEX_ENTRY")
-    names = spec.INDEX_ENTRY.names
+@pytest.mark.parametrize(("marker", "dtype"), [("struct: INDEX_ENTRY", spec.INDEX_ENTRY),
+                                                ("struct: FRAME_ENTRY", spec.FRAME_ENTRY)])  # fmt: skip
+def test_entry_tables_match_dtypes(marker: str, dtype: object) -> None:
+    import numpy as np
+
+    assert isinstance(dtype, np.dtype)
+    rows = doc_table(marker)
+    names = dtype.names
     assert names is not None
     assert [r[3] for r in rows] == list(names)
     for row, name in zip(rows, names, strict=True):
-        dt, off = spec.INDEX_ENTRY.fields[name][:2]
+        dt, off = dtype.fields[name][:2]  # type: ignore[index]
         assert int(row[0]) == off and int(row[1]) == dt.itemsize, name
-    assert sum(int(r[1]) for r in rows) == spec.INDEX_ENTRY.itemsize
+    assert sum(int(r[1]) for r in rows) == dtype.itemsize
 
 
 def test_constants_match_code() -> None:

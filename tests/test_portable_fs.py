@@ -23,7 +23,7 @@ from imagechain.codec import CodecParams
 from imagechain.engine.backup import FAT_SPLIT, BackupResult, backup
 from imagechain.engine.restore import restore
 from imagechain.engine.verify import verify
-from imagechain.errors import LockedError, PointNotFoundError
+from imagechain.errors import IntegrityError, LockedError
 from imagechain.identity import local_host
 from imagechain.lock import STALE_AFTER, _proc_start
 from imagechain.names import case_collisions, portability_problems
@@ -31,7 +31,7 @@ from imagechain.repository import Repository
 from imagechain.sources import open_source
 from imagechain.stores.local import filesystem_of
 
-from .conftest import assert_portable, write_volume
+from .conftest import assert_portable, exe, write_volume
 from .fsimages import KINDS, fuse_disk
 
 BS = 64 << 10  # the default block size
@@ -133,7 +133,7 @@ def test_two_machines_share_a_disk_that_moves(tmp_path: Path, kind: str) -> None
 
         cat = Repository.open(str(repo2)).catalog()
         assert not cat.problems and not cat.leftovers
-        assert len(cat.chains()) == 2
+        assert len(cat.generations()) == 2
         for n in names:
             for seq, data in enumerate(want[n]):
                 res = open_point(f"{repo2}::{n}/disk/default@{seq}")
@@ -162,8 +162,8 @@ def _move_data(src: Path, dst: Path) -> None:
 def _refused(tmp_path: Path, repo: Path, point_id: str, first_segment: Path, named: list[str]) -> None:
     """The point is reported as unusable, naming the files in `named`, and nothing restores it."""
     cat = Repository.open(str(repo)).catalog()
-    whys = [why for _files, why in cat.problems if point_id[:8] in why]
-    assert len(whys) == 1, cat.problems
+    whys = [why for _files, why in [*cat.problems, *cat.damaged.values()] if point_id[:8] in why]
+    assert len(whys) == 1, (cat.problems, cat.damaged)
     for name in named:
         assert name in whys[0], whys[0]
     report = verify(Repository.open(str(repo)))
@@ -175,9 +175,11 @@ def _refused(tmp_path: Path, repo: Path, point_id: str, first_segment: Path, nam
     for name in named:
         assert name in v.stdout, v.stdout
 
-    with pytest.raises(PointNotFoundError):
+    # a footer was written once: the point is damaged (exit 7), by its id and by any of its files
+    with pytest.raises(IntegrityError) as ei:
         open_point(f"{repo}::{point_id[:8]}")
-    with pytest.raises(PointNotFoundError) as ei:
+    assert "damaged" in str(ei.value)
+    with pytest.raises(IntegrityError) as ei:
         open_point(str(first_segment))
     for name in named:
         assert name in str(ei.value)
@@ -241,9 +243,15 @@ def test_fat32_split_points(tmp_path: Path) -> None:
         _move_data(stash, segs[3])
         assert verify(Repository.open(str(repo))).ok
 
-        # two segments swapped (each file under the other's name) are named, and nothing restores
+        # two segments swapped (each file under the other's name): assembled by their headers, the
+        # names reported as wrong
         _swap(segs[2], segs[3])
-        _refused(tmp_path, repo, r.point_id, segs[0], [segs[2].name, segs[3].name])
+        cat = Repository.open(str(repo)).catalog()
+        wrong = [n for n in cat.notices if "misnamed" in n]
+        assert len(wrong) == 2 and all(any(s.name in n for n in wrong) for s in segs[2:4]), cat.notices
+        assert restored(tmp_path, f"{repo}::{r.point_id[:8]}", "swapped") == data
+        listing = subprocess.run([exe(), "list", str(repo)], capture_output=True, text=True)
+        assert "misnamed" in listing.stderr, listing.stderr
         _swap(segs[2], segs[3])
         assert verify(Repository.open(str(repo))).ok
         assert restored(tmp_path, f"{repo}::{r.point_id[:8]}", "after") == data
@@ -375,13 +383,13 @@ def test_cloned_machines_keep_separate_chains(tmp_path: Path, repo: Path, monkey
     assert (b1.kind, b1.chain_id, b1.sequence, b1.changed_blocks) == ("incremental", b0.chain_id, 1, 2)
     assert (a1.kind, a1.chain_id, a1.sequence, a1.changed_blocks) == ("incremental", a0.chain_id, 1, 1)
     cat = Repository.open(str(repo)).catalog()
-    assert len(cat.chains()) == 2
+    assert len(cat.generations()) == 2
     ids = {}
     for mid in ("clone-a", "clone-b"):
         monkeypatch.setenv("IMAGECHAIN_MACHINE_ID", mid)
         ids[mid] = local_host().host_id
     assert ids["clone-a"] != ids["clone-b"]
-    by_chain = {str(pts[0].header.chain_id): {p.header.host_id for p in pts} for pts in cat.chains().values()}
+    by_chain = {str(pts[0].header.chain_id): {p.header.host_id for p in pts} for pts in cat.generations().values()}
     assert by_chain == {a0.chain_id: {ids["clone-a"]}, b0.chain_id: {ids["clone-b"]}}
     for r, data in ((a0, v0), (b0, v0), (a1, a1_data), (b1, b1_data)):
         assert restored(tmp_path, f"{repo}::{r.point_id[:8]}", r.point_id[:8]) == data

@@ -62,13 +62,13 @@ def test_verify_reads_each_index_a_bounded_number_of_times(tmp_path: Path, repo:
         vol.write_bytes(data)
         backup(str(vol), str(repo))
     reads = []
-    original = PointReader.index
+    original = PointReader.iter_index
 
-    def counting(self: PointReader):  # type: ignore[no-untyped-def]
+    def counting(self: PointReader, *args):  # type: ignore[no-untyped-def]
         reads.append(self.files.point_id)
-        return original(self)
+        return original(self, *args)
 
-    monkeypatch.setattr(PointReader, "index", counting)
+    monkeypatch.setattr(PointReader, "iter_index", counting)
     report = verify(Repository.open(str(repo)))
     assert report.ok and len(report.points) == n
     assert len(reads) == 2 * n  # once for the payload check, once for the map proof

@@ -2,7 +2,7 @@
 
   REPO::[[HOST/]SOURCE/]CHAIN[@SEL]   a chain's point; SEL: latest (default), -N, N (sequence), full,
                                       or a time 2026-11-24[T19:00[:00]][Z] (newest point at or before)
-  REPO::POINTID                       a point-id prefix (at least 4 hex digits)
+  REPO::POINTID[@SEL]                 a point-id prefix (at least 4 hex digits); SEL walks its lineage
   PATH/TO/FILE.icimg                  any segment file of a point
 Components match the verbatim name, the folder name, or an id prefix."""
 
@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .chain import Catalog
-from .errors import AmbiguousPointError, PointNotFoundError, UsageError
+from .chain import Catalog, newest_generation
+from .errors import AmbiguousPointError, IntegrityError, PointNotFoundError, UsageError
 from .format.reader import PointFiles
 from .names import component
 from .repository import Repository, chain_key, find_root
@@ -56,6 +56,8 @@ def _by_file(path: str) -> Resolved:
     pid = cat.by_file.get(rel)
     if pid is None:
         raise PointNotFoundError(f"not an imagechain image file: {path}")
+    if pid in cat.damaged:
+        raise IntegrityError(f"{path} belongs to a damaged point: {cat.damaged[pid][1]}")
     if pid not in cat.points:
         why = next((w for files, w in cat.problems if rel in files), "incomplete")
         raise PointNotFoundError(f"{path} is not a usable point: {why}")
@@ -67,78 +69,134 @@ def _matches(value: str, name: str, ident: bytes, folder: str) -> bool:
     return v in (name.casefold(), folder.casefold()) or (len(v) >= 4 and ident.hex().startswith(v))
 
 
-def select(cat: Catalog, spec_: str, repo_display: str) -> PointFiles:
-    path, _, sel = spec_.partition("@")
-    path = path.strip("/")
-    if re.fullmatch(r"[0-9a-fA-F-]{4,36}", path) and not sel:
-        hits = [p for p in cat.points.values() if p.point_id.hex.startswith(path.replace("-", "").lower())]
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            raise AmbiguousPointError(f"point id prefix {path!r} matches {len(hits)} points; give more digits")
+def _id_hits(cat: Catalog, path: str) -> tuple[list[PointFiles], list[str]]:
+    """Points (and damaged points) whose id starts with path, when path can be an id prefix."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{4,36}", path):
+        return [], []
+    q = path.replace("-", "").lower()
+    hits = [p for p in cat.points.values() if p.point_id.hex.startswith(q)]
+    damaged = [why for pid, (_f, why) in cat.damaged.items() if pid.hex.startswith(q)]
+    return hits, damaged
+
+
+def _chain_hits(cat: Catalog, path: str) -> dict[tuple[bytes, bytes, str], list[PointFiles]]:
+    """The generation each matching named chain continues (or the generation named by a chain-id prefix)."""
     parts = path.split("/") if path else []
     if len(parts) > 3:
-        raise UsageError(f"address {spec_!r} has more than HOST/SOURCE/CHAIN")
+        raise UsageError(f"address {path!r} has more than HOST/SOURCE/CHAIN")
     host_q, source_q, chain_q = [None] * (3 - len(parts)) + parts
-    chains: dict[tuple[bytes, bytes, str], list[PointFiles]] = {}
-    for pts in cat.chains().values():
-        h = pts[-1].header
-        meta = h.metadata
-        hn, sn, cn = str(meta.get("host", "")), str(meta.get("source", "")), str(meta.get("chain", ""))
-        if host_q and not _matches(host_q, hn, h.host_id, component(hn, h.host_id.hex()[:8])):
+    out: dict[tuple[bytes, bytes, str], list[PointFiles]] = {}
+    for (host_id, source_id, cn), gens in cat.named_chains().items():
+        meta = gens[0][0].header.metadata
+        hn, sn = str(meta.get("host", "")), str(meta.get("source", ""))
+        if host_q and not _matches(host_q, hn, host_id, component(hn, host_id.hex()[:8])):
             continue
-        if source_q and not _matches(source_q, sn, h.source_id, component(sn, h.source_id.hex()[:8])):
+        if source_q and not _matches(source_q, sn, source_id, component(sn, source_id.hex()[:8])):
             continue
-        if chain_q and not (_matches(chain_q, cn, bytes.fromhex(chain_key(cn)), component(cn, chain_key(cn)))
-                            or (len(chain_q) >= 4 and h.chain_id.hex.startswith(chain_q.lower()))):  # fmt: skip
+        if chain_q and len(chain_q) >= 4:
+            for pts in gens:  # a specific generation, by chain id prefix
+                if pts[0].header.chain_id.hex.startswith(chain_q.lower()):
+                    out[(host_id, source_id, pts[0].header.chain_id.hex)] = pts
+        if chain_q and not _matches(chain_q, cn, bytes.fromhex(chain_key(cn)), component(cn, chain_key(cn))):
             continue
-        key = (h.host_id, h.source_id, cn)
-        if chain_q and len(chain_q) >= 4 and h.chain_id.hex.startswith(chain_q.lower()):
-            key = (h.host_id, h.source_id, h.chain_id.hex)  # a specific generation
-        best = chains.get(key)
-        if best is None or max(p.header.created_us for p in pts) > max(p.header.created_us for p in best):
-            chains[key] = pts
+        out[(host_id, source_id, cn)] = newest_generation(gens)
+    return out
+
+
+def _label(pts: list[PointFiles]) -> str:
+    return "/".join(str(pts[-1].header.metadata.get(k)) for k in ("host", "source", "chain"))
+
+
+def select(cat: Catalog, spec_: str, repo_display: str) -> PointFiles:
+    """The point an address names; every selector walks one lineage (docs/CLI.md#addressing-points)."""
+    path, _, sel = spec_.partition("@")
+    path = path.strip("/")
+    hits, damaged = _id_hits(cat, path)
+    chains = _chain_hits(cat, path)
+    if (hits or damaged) and chains:
+        raise AmbiguousPointError(
+            f"{path!r} is both a point id prefix ({', '.join(str(p.point_id)[:8] for p in hits) or 'a damaged point'}) "
+            f"and a chain ({', '.join(sorted(_label(p) for p in chains.values()))}); "
+            f"give more id digits or HOST/SOURCE/CHAIN"
+        )
+    if len(hits) + len(damaged) > 1:
+        raise AmbiguousPointError(f"point id prefix {path!r} matches {len(hits) + len(damaged)} points; "
+                                  f"give more digits")  # fmt: skip
+    if damaged:
+        raise IntegrityError(damaged[0])
+    if hits:
+        return _pick(cat, hits[0], sel or "latest", spec_)
     if not chains:
         raise PointNotFoundError(f"no chain matches {spec_!r} in {repo_display} (see: imagechain list)")
     if len(chains) > 1:
-        names = sorted("/".join(str(p[-1].header.metadata.get(k)) for k in ("host", "source", "chain"))
-                       for p in chains.values())  # fmt: skip
+        names = sorted(_label(p) for p in chains.values())
         raise AmbiguousPointError(f"{spec_ or 'the address'} matches {len(chains)} chains: {', '.join(names)}")
     pts = next(iter(chains.values()))
-    return _pick(pts, sel or "latest", spec_)
+    found: dict[str, PointFiles] = {}
+    errors: list[str] = []
+    for tip in cat.tips(pts):
+        try:
+            p = _pick(cat, tip, sel or "latest", spec_)
+            found[p.point_id.hex] = p
+        except PointNotFoundError as e:
+            errors.append(str(e))
+    if not found:
+        raise PointNotFoundError(errors[0])
+    if len(found) > 1:
+        listed = "; ".join(f"{str(p.point_id)[:8]} (#{p.header.sequence}, {p.name})"
+                           for p in sorted(found.values(), key=lambda p: p.name))  # fmt: skip
+        raise AmbiguousPointError(
+            f"{spec_ or 'the address'}: the chain has forked and the address names a different point on each "
+            f"branch: {listed}; address one by its point id (REPO::ID, or REPO::TIPID@SEL along one branch)"
+        )
+    return next(iter(found.values()))
 
 
-def _pick(pts: list[PointFiles], sel: str, spec_: str) -> PointFiles:
+def _pick(cat: Catalog, tip: PointFiles, sel: str, spec_: str) -> PointFiles:
+    """Evaluate a selector along the lineage that ends at tip."""
     s = sel.strip().lower()
     if s == "latest":
-        return pts[-1]
+        return tip
+    pts = cat.ancestry(tip)
     if s == "full":
+        if pts[0].header.parent_id is not None:
+            raise PointNotFoundError(f"{spec_}: the lineage of {str(tip.point_id)[:8]} is broken before its full point")
         return pts[0]
     if re.fullmatch(r"-\d+", s):
         back = int(s[1:])
         if back >= len(pts):
-            raise PointNotFoundError(f"{spec_}: the chain has only {len(pts)} points")
+            raise PointNotFoundError(f"{spec_}: the lineage of {str(tip.point_id)[:8]} has only {len(pts)} points")
         return pts[-1 - back]
     if re.fullmatch(r"\d+", s):
         for p in pts:
             if p.header.sequence == int(s):
                 return p
         raise PointNotFoundError(f"{spec_}: no point with sequence number {s}")
-    try:
-        text = sel.strip()
-        when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
-    except ValueError as e:
-        raise UsageError(f"bad point selector {sel!r} (latest, -N, N, full, or a date/time)") from e
-    if when.tzinfo is None:
-        when = when.astimezone()  # local time, as the user reads their clock
-    if len(sel.strip()) == 10:  # a bare date means the end of that day
-        when = when.replace(hour=23, minute=59, second=59, microsecond=999999)
-    limit = int(when.astimezone(UTC).timestamp() * 1e6)
-    # a time given to the hour, minute or second includes that whole hour, minute or second (with or
-    # without a zone suffix), so a time copied from `info` or `list` selects the point shown there
-    body = re.sub(r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)$", "", text) if len(text) > 10 else text
-    limit += {13: 3_599_999_999, 16: 59_999_999, 19: 999_999}.get(len(body), 0)
+    limit = _time_limit(sel)
     before = [p for p in pts if p.header.created_us <= limit]
     if not before:
         raise PointNotFoundError(f"{spec_}: no point at or before {sel}")
     return before[-1]
+
+
+def _time_limit(sel: str) -> int:
+    """The last microsecond a time selector includes. A trailing Z means UTC, an offset means that zone,
+    neither means local time; a date, hour, minute or second includes all of it, so a time copied from
+    `info` or `list` selects the point shown there."""
+    text = sel.strip()
+    utc = text.endswith(("Z", "z"))
+    body = text[:-1] if utc else text
+    m = re.fullmatch(r"(.*?)([+-]\d\d(?::?\d\d)?)?", body) if len(body) > 10 else None
+    bare = m.group(1) if m else body
+    try:
+        when = datetime.fromisoformat(body)
+    except ValueError as e:
+        raise UsageError(f"bad point selector {sel!r} (latest, full, -N, N, or a date/time)") from e
+    if utc:
+        if when.tzinfo is not None:
+            raise UsageError(f"bad point selector {sel!r}: a zone offset and Z")
+        when = when.replace(tzinfo=UTC)
+    elif when.tzinfo is None:
+        when = when.astimezone()  # local time, as the user reads their clock
+    extra = {10: 86_399_999_999, 13: 3_599_999_999, 16: 59_999_999, 19: 999_999}.get(len(bare), 0)
+    return int(when.astimezone(UTC).timestamp() * 1_000_000) + extra

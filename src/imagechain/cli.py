@@ -19,6 +19,7 @@ from rich.table import Table
 
 from . import __version__
 from .address import open_point
+from .chain import Catalog
 from .codec import CodecParams
 from .engine.backup import backup as run_backup
 from .engine.backup import check_block_size, check_split_size
@@ -33,7 +34,7 @@ from .repository import Repository
 from .sizes import human, parse_size
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # pipes: never wrap tables
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -106,6 +107,8 @@ def main(debug: bool) -> None:
 @click.argument("repo")
 @click.option("--chain", default="default", show_default=True, help="Chain name; chains share nothing.")
 @click.option("--full", is_flag=True, help="Start a new chain generation with a full point.")
+@click.option("--parent", "parent", metavar="POINT",
+              help="Point to continue (a point id prefix or CHAIN@SEL) when the chain has forked.")
 @click.option("--block-size", help="Block size for a new chain (power of two, 4K..16M).  [default: 64K]")
 @click.option("--compression", help="zstd[:LEVEL], lz4 or none.  [default: zstd:3, or the chain's]")
 @click.option("--split-size", help="Largest image file; bigger points are split into segments (0: no limit).")
@@ -113,11 +116,12 @@ def main(debug: bool) -> None:
 @click.option("--source-name", help="Name of the source in the repository (default: file/device name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
-def backup(source: str, repo: str, chain: str, full: bool, block_size: str | None, compression: str | None,
-           split_size: str | None, host_name: str | None, source_name: str | None, as_json: bool) -> None:  # fmt: skip
+def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, block_size: str | None,
+           compression: str | None, split_size: str | None, host_name: str | None, source_name: str | None,
+           as_json: bool) -> None:  # fmt: skip
     """Back up SOURCE (image file or block device) into the repository folder REPO."""
     res = run_backup(
-        source, repo, chain=chain, full=full,
+        source, repo, chain=chain, full=full, parent=parent,
         block_size=_size_option(block_size, check_block_size),
         codec=CodecParams.parse(compression) if compression else None,
         split_size=_size_option(split_size, check_split_size),
@@ -135,23 +139,42 @@ def backup(source: str, repo: str, chain: str, full: bool, block_size: str | Non
     )
 
 
-def _row(p: PointFiles, repo: Repository) -> dict[str, Any]:
+def _row(p: PointFiles, repo: Repository, cat: Catalog) -> dict[str, Any]:
     h = p.header
     problem: dict[str, str] = {}
     try:
         with PointReader(repo.store, p) as r:
             s = r.summary()
-    except IntegrityError as e:  # statistics only: one damaged summary must not hide the repository
-        s, problem = {}, {"problem": str(e)}
+    except (ImagechainError, ValueError) as e:  # statistics only: a damaged summary must not hide the point
+        s, problem = {}, {"summary_problem": str(e)}
+    kids = cat.children.get(p.point_id, [])
+    parent_missing = h.parent_id is not None and cat.ancestry(p)[0].header.parent_id is not None
     return {
         "point_id": str(h.point_id), "chain_id": str(h.chain_id), "sequence": h.sequence,
         "kind": "full" if h.kind == spec.KIND_FULL else "incremental",
         "created": datetime.fromtimestamp(h.created_us / 1e6).astimezone().isoformat(timespec="seconds"),
         "host": h.metadata.get("host"), "source": h.metadata.get("source"), "chain": h.metadata.get("chain"),
+        "parent_id": str(h.parent_id) if h.parent_id else None,
+        "parent_state_digest": h.parent_state.hex() if h.parent_id else None,
+        "state_digest": p.footer.state_digest.hex(), "children": [str(k.point_id) for k in kids],
+        "tip": not kids, "lineage_broken": parent_missing,
         "volume_size": h.volume_size, "block_size": h.block_size,
         "changed_bytes": s.get("changed_bytes"), "stored_bytes": s.get("stored_bytes"),
         "file_bytes": sum(f.size for f in p.segments), "files": [f.name for f in p.segments], **problem,
     }  # fmt: skip
+
+
+def _flags(row: dict[str, Any], gen_tips: int) -> str:
+    out = []
+    if len(row["children"]) > 1:
+        out.append(f"fork: {len(row['children'])} branches")
+    if row["tip"] and gen_tips > 1:
+        out.append("tip")
+    if row["lineage_broken"]:
+        out.append("parent missing: not restorable")
+    if "summary_problem" in row:
+        out.append("summary damaged")
+    return ", ".join(out)
 
 
 @main.command(name="list")
@@ -159,34 +182,47 @@ def _row(p: PointFiles, repo: Repository) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def list_(repo: str, as_json: bool) -> None:
-    """List hosts, sources, chains and points in REPO."""
+    """List hosts, sources, chains and points in REPO, with forks and tips."""
     r = Repository.open(repo)
     cat = r.catalog()
-    chains = sorted(cat.chains().values(), key=lambda pts: (str(pts[0].header.metadata.get("host")),
-                    str(pts[0].header.metadata.get("source")), str(pts[0].header.metadata.get("chain")),
-                    pts[0].header.created_us))  # fmt: skip
-    rows = [[_row(p, r) for p in pts] for pts in chains]
+    gens = sorted(cat.generations().values(), key=lambda pts: (str(pts[0].header.metadata.get("host")),
+                  str(pts[0].header.metadata.get("source")), str(pts[0].header.metadata.get("chain")),
+                  pts[0].header.created_us))  # fmt: skip
+    rows = [[_row(p, r, cat) for p in pts] for pts in gens]
+    tips = [[str(t.point_id) for t in cat.tips(pts)] for pts in gens]
     if as_json:
-        click.echo(json.dumps({"chains": rows, "incomplete": [{"files": f, "problem": w} for f, w in cat.problems],
-                               "leftovers": cat.leftovers}, indent=1))  # fmt: skip
+        click.echo(json.dumps({
+            "chains": rows, "tips": tips,
+            "damaged": [{"point_id": str(pid), "files": f, "problem": w} for pid, (f, w) in cat.damaged.items()],
+            "incomplete": [{"files": f, "problem": w} for f, w in cat.problems],
+            "leftovers": cat.leftovers, "notices": cat.notices,
+        }, indent=1))  # fmt: skip
         return
-    if not rows:
+    if not rows and not cat.damaged:
         out.print(f"no points in {repo}")
-    for pts in rows:
+    for pts, gen_tips in zip(rows, tips, strict=True):
         first = pts[0]
         t = Table(title=f"{first['host']} / {first['source']} / {first['chain']}  (chain {first['chain_id'][:8]})",
                   title_justify="left", box=None)  # fmt: skip
-        for col in ("#", "created", "kind", "volume", "changed", "stored", "point"):
+        for col in ("#", "created", "kind", "volume", "changed", "stored", "point", "parent", ""):
             t.add_column(col, justify="right" if col in ("#", "volume", "changed", "stored") else "left")
         for p in pts:
             t.add_row(str(p["sequence"]), p["created"][:19].replace("T", " "), p["kind"], human(p["volume_size"]),
-                      human(p["changed_bytes"] or 0), human(p["file_bytes"]), p["point_id"][:8])  # fmt: skip
+                      human(p["changed_bytes"] or 0), human(p["file_bytes"]), p["point_id"][:8],
+                      (p["parent_id"] or "")[:8], _flags(p, len(gen_tips)))  # fmt: skip
         out.print(t)
-    for p in (p for pts in rows for p in pts if "problem" in p):
-        err.print(f"notice: damaged point {p['point_id'][:8]}: {p['problem']} (run imagechain verify)",
+        if len(gen_tips) > 1:
+            out.print(f"  forked: {len(gen_tips)} branches, tips {', '.join(x[:8] for x in gen_tips)}; backup "
+                      f"continues one with --parent POINT", markup=False, soft_wrap=True)  # fmt: skip
+    for p in (p for pts in rows for p in pts if "summary_problem" in p):
+        err.print(f"notice: point {p['point_id'][:8]}: {p['summary_problem']} (statistics only)",
                   markup=False, soft_wrap=True)  # fmt: skip
+    for _f, why in cat.damaged.values():
+        err.print(f"notice: {why} (run imagechain verify)", markup=False, soft_wrap=True)
     for _files, why in cat.problems:
         err.print(f"notice: not a point: {why}", markup=False, soft_wrap=True)
+    for n in cat.notices:
+        err.print(f"notice: {n}", markup=False, soft_wrap=True)
     for name in cat.leftovers:
         err.print(f"notice: leftover temporary file {name}", markup=False, soft_wrap=True)
 
@@ -203,11 +239,9 @@ def info(point: str, as_json: bool) -> None:
         summary = r.summary()
     parent = res.catalog.points.get(h.parent_id) if h.parent_id else None
     data = {
-        **_row(p, res.repo), "format": f"{spec.FORMAT_MAJOR}.{h.minor}",
-        "parent_id": str(h.parent_id) if h.parent_id else None,
+        **_row(p, res.repo, res.catalog), "format": f"{spec.FORMAT_MAJOR}.{h.minor}",
         "parent_file": parent.name if parent else h.metadata.get("parent_file"),
-        "parent_state_digest": h.parent_state.hex() if h.parent_id else None,
-        "state_digest": p.footer.state_digest.hex(), "host_id": h.host_id.hex(), "source_id": h.source_id.hex(),
+        "host_id": h.host_id.hex(), "source_id": h.source_id.hex(),
         "source_path": h.metadata.get("source_path"), "source_identity": h.metadata.get("source_identity"),
         "compression": str(CodecParams(h.compression, h.compression_level)), "split_size": h.split_size,
         "encryption": "none" if h.encryption == spec.ENCRYPTION_NONE else "aes-256-gcm",
@@ -216,12 +250,12 @@ def info(point: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=1))
         return
-    for k, v in data.items():
+    for k, v in data.items():  # plain lines: never wrapped, whatever the terminal
         if k == "summary":
             for sk, sv in v.items():
-                out.print(f"  {sk:<16} {sv}", markup=False)
+                click.echo(f"  {sk:<16} {sv}")
         else:
-            out.print(f"{k:<20} {v}", markup=False)
+            click.echo(f"{k:<20} {', '.join(map(str, v)) if isinstance(v, list) else v}")
 
 
 @main.command()
@@ -234,7 +268,8 @@ def info(point: str, as_json: bool) -> None:
 def restore(point: str, dest: str, delta: bool, force: bool, as_json: bool) -> None:
     """Restore POINT to DEST (a file or block device), bit for bit."""
     res = open_point(point)
-    r = run_restore(res.repo, res.point, dest, delta=delta, force=force, progress=BarProgress(not as_json))
+    r = run_restore(res.repo, res.point, dest, delta=delta, force=force, progress=BarProgress(not as_json),
+                    cat=res.catalog)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=1))
         return
@@ -266,6 +301,10 @@ def verify(target: str, as_json: bool) -> None:
             click.echo(f"{status:6} {p.file} ({p.checked_blocks} blocks checked)")
             for prob in p.problems:
                 click.echo(f"       {prob}")
+            for n in p.notices:
+                click.echo(f"       notice: {n}")
+        for n in report.notices:
+            click.echo(f"notice: {n}")
         for i in report.incomplete:
             click.echo(f"FAILED not a point: {i}")
         for name in report.leftovers:

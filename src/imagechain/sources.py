@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -38,6 +39,15 @@ class Source:
                 f"it was {self.size} bytes when the backup started"
             )
         return data
+
+    def hole(self, offset: int, length: int) -> bool:
+        """True when [offset, offset+length) of an image file is a hole (reads as zeros, costs no read)."""
+        if self.is_device:
+            return False
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA) >= offset + length
+        except OSError as e:
+            return e.errno == errno.ENXIO  # no data at or after offset
 
     def close(self) -> None:
         os.close(self.fd)

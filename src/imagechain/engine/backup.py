@@ -3,9 +3,12 @@ from the parent point's block map."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -13,22 +16,28 @@ import blake3
 import numpy as np
 
 from .. import __version__
-from ..blockmap import BlockMap, CacheWriter, StateHasher, block_count, default_cache_dir, load_cached
-from ..chain import lineage, resolve
+from ..address import select
+from ..blockmap import block_count
+from ..chain import FOLLOWS, Catalog, MapStream, describe
 from ..codec import CodecParams, encode
-from ..errors import ChainBrokenError, UsageError
+from ..errors import AmbiguousPointError, ChainBrokenError, UsageError
 from ..format import spec
+from ..format.reader import PointFiles, PointReader, SegmentFile, assemble, scan_file
 from ..format.writer import ImageWriter
 from ..identity import HostIdentity, local_host
 from ..lock import ChainLock
+from ..mapcache import MapFile, MapWriter, commit_tip, default_cache_dir, open_cached
 from ..repository import Repository
 from ..sources import Source, open_source
+from ..state import StateHasher
+from ..stores import Store, StoreEntry, temporary_of
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
 
 DEFAULT_BLOCK_SIZE = 64 << 10
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 4 << 10, 16 << 20
 CHUNK_BYTES = 8 << 20
+HOLE_SPAN = 128  # chunks a hole of an image-file source may cover in one pipeline item (1 GiB)
 FAT_SPLIT = 4000 << 20  # below FAT32's 4 GiB - 1 file size limit
 MIN_SPLIT = 1 << 20
 DEFAULT_CODEC = CodecParams(spec.COMPRESSION_ZSTD, 3)
@@ -65,6 +74,8 @@ class BackupResult:
     file_bytes: int
     duration_s: float
     state_digest: str
+    parent_id: str | None = None
+    lineage_check_s: float = 0.0  # proving the stored indexes of the lineage built on
     notices: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -93,6 +104,17 @@ class _Stats:
 
 
 @dataclass
+class _Item:
+    """A run of blocks for the pipeline: read data, or None for a hole; the parent's map of the run."""
+
+    start: int
+    blocks: int
+    data: bytes | None
+    pkind: np.ndarray | None
+    pdigest: np.ndarray | None
+
+
+@dataclass
 class _Chunk:
     start: int
     kinds: np.ndarray
@@ -108,6 +130,7 @@ def backup(
     *,
     chain: str = "default",
     full: bool = False,
+    parent: str | None = None,
     block_size: int | None = None,
     codec: CodecParams | None = None,
     split_size: int | None = None,
@@ -117,164 +140,332 @@ def backup(
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> BackupResult:
-    """Make the next point of `chain` for the source: incremental when the chain exists, else full."""
+    """Make the next point of `chain` for the source: incremental when the chain exists, else full.
+
+    `parent` (an address within the repository: a point id prefix or CHAIN@SEL) picks the point to
+    continue when the chain has forked."""
     if block_size is not None:
         check_block_size(block_size)
     if split_size is not None:
         check_split_size(split_size)
     if not chain or len(chain) > 1024:
         raise UsageError("chain name must be 1 to 1024 characters")
+    if full and parent:
+        raise UsageError("--full starts a new chain; it takes no --parent")
     host = host or local_host()
     progress = progress or Silent()
     cache = default_cache_dir() if cache_dir == "" else cache_dir
     with open_source(source_path, source_name) as src:
         repo = Repository.open(repo_path, create=True)
         what = f"chain {chain!r} of {src.name} on {host.name}"
-        with ChainLock(repo.store, repo.lock_name(host.host_id, src.source_id, chain), host, what, repo_path):
-            return _backup_locked(src, repo, host, chain, full, block_size, codec, split_size, cache,
-                                  threads or default_threads(), progress)  # fmt: skip
+        lock = ChainLock(repo.store, repo.lock_name(host.host_id, src.source_id, chain), host, what, repo_path)
+        with lock:
+            for n in lock.notices:
+                progress.notice(n)
+            job = _Job(src, repo, host, chain, full, parent, block_size, codec, split_size, cache,
+                       threads or default_threads(), progress, lock)  # fmt: skip
+            return job.run()
 
 
-def _backup_locked(
-    src: Source, repo: Repository, host: HostIdentity, chain: str, full: bool, block_size: int | None,
-    codec: CodecParams | None, split_size: int | None, cache: str | None, threads: int, progress: Progress,
-) -> BackupResult:  # fmt: skip
-    t0 = time.monotonic()
-    notices: list[str] = []
-    cat = repo.catalog()
-    chain_dir = repo.chain_dir(host.name, host.host_id, src.name, src.source_id, chain)
-    for name in cat.leftovers:
-        if name.startswith(chain_dir + "/"):
-            repo.store.delete(name)
-            notices.append(f"removed {name}, left by an interrupted backup")
-    for files, why in cat.problems:
-        # not ours to delete: a damaged point may still be wanted for inspection or recovery
-        if any(f.startswith(chain_dir + "/") for f in files):
-            notices.append(f"ignored (not a point): {why}")
+@dataclass
+class _Job:
+    src: Source
+    repo: Repository
+    host: HostIdentity
+    chain: str
+    full: bool
+    parent_address: str | None
+    block_size: int | None
+    codec: CodecParams | None
+    split_size: int | None
+    cache: str | None
+    threads: int
+    progress: Progress
+    lock: ChainLock
+    notices: list[str] = field(default_factory=list)
 
-    line = [] if full else cat.find_chain_line(host.host_id, src.source_id, chain)
-    parent = line[-1] if line else None
-    pmap: BlockMap | None = None
-    fs = repo.store.filesystem()
-    if parent is not None:
-        ph = parent.header
+    def note(self, message: str) -> None:
+        self.notices.append(message)
+        self.progress.notice(message)
+
+    def run(self) -> BackupResult:
+        t0 = time.monotonic()
+        src, repo, host = self.src, self.repo, self.host
+        chain_dir = repo.chain_dir(host.name, host.host_id, src.name, src.source_id, self.chain)
+        cat = repo.catalog()
+        if recover_leftovers(repo.store, cat, chain_dir, self.note):
+            cat = repo.catalog()
+        for files, why in [*cat.problems, *cat.damaged.values()]:
+            # not ours to delete: a damaged point may still be wanted for inspection or recovery
+            if any(f.startswith(chain_dir + "/") for f in files):
+                self.note(f"ignored (not a usable point): {why}")
+        gen = cat.find_generation(host.host_id, src.source_id, self.chain)
+        parent = None if self.full else self._parent(cat, gen)
+        lin: list[PointFiles] = []
+        tc = time.monotonic()
+        if parent is not None:
+            try:
+                lin = cat.lineage(parent)
+            except ChainBrokenError as e:
+                raise ChainBrokenError(f"{e}; use --full to start a new chain") from e
+            prove_stored(repo.store, lin)
+        check_s = time.monotonic() - tc
+        with contextlib.ExitStack() as stack:
+            pmap = self._parent_map(stack, lin) if parent is not None else None
+            res = self._write(cat, gen, lin, pmap, chain_dir, t0)
+        res.lineage_check_s = check_s
+        return res
+
+    def _parent(self, cat: Catalog, gen: list[PointFiles]) -> PointFiles | None:
+        if self.parent_address:
+            p = select(cat, self.parent_address, self.repo.display)
+            h = p.header
+            if h.source_id != self.src.source_id:
+                raise UsageError(f"--parent {describe(p)} is a point of source {h.metadata.get('source')!r}, "
+                                 f"not of {self.src.name!r}")  # fmt: skip
+            if str(h.metadata.get("chain")) != self.chain:
+                raise UsageError(f"--parent {describe(p)} belongs to chain {h.metadata.get('chain')!r}, "
+                                 f"not {self.chain!r}")  # fmt: skip
+            return p
+        tips = cat.tips(gen)
+        if len(tips) > 1:
+            listed = "; ".join(f"{str(t.point_id)[:8]} (#{t.header.sequence}, {t.name})" for t in tips)
+            raise AmbiguousPointError(
+                f"chain {self.chain!r} has forked into {len(tips)} branches whose tips are {listed}; "
+                f"choose the one to continue with --parent POINT (or start anew with --full)"
+            )
+        return tips[0] if tips else None
+
+    def _parent_map(self, stack: contextlib.ExitStack, lin: list[PointFiles]) -> MapFile:
+        """The parent's map as a proven local file: from the cache, else rebuilt from the indexes."""
+        parent = lin[-1]
+        state = parent.footer.state_digest
+        mf = open_cached(self.cache, parent.point_id, state)
+        if mf is None:
+            folder = self.cache if self.cache is not None else stack.enter_context(tempfile.TemporaryDirectory())
+            w = MapWriter(folder, parent.header.volume_size, parent.header.block_size)
+            if not w.active:  # no room for the cache: a private temporary folder does
+                folder = stack.enter_context(tempfile.TemporaryDirectory())
+                w = MapWriter(folder, parent.header.volume_size, parent.header.block_size)
+            try:
+                with MapStream(self.repo.store, lin) as ms:
+                    for bm in ms.windows():  # proven against the state digest at the end
+                        w.write(bm.start, bm.kind, bm.digest)
+            except BaseException:
+                w.abort()
+                raise
+            path = os.path.join(folder, f"{parent.point_id.hex}-{state.hex()[:32]}.map")
+            if not w.commit(path):
+                raise OSError(f"cannot write a block map in {folder}")
+            mf = MapFile(path)
+        stack.callback(mf.close)
+        return mf
+
+    def _write(self, cat: Catalog, gen: list[PointFiles], lin: list[PointFiles], pmap: MapFile | None,
+               chain_dir: str, t0: float) -> BackupResult:  # fmt: skip
+        src, repo, host = self.src, self.repo, self.host
+        parent = lin[-1] if lin else None
+        fs = repo.store.filesystem()
+        if parent is not None:
+            ph, first = parent.header, lin[0].header
+            if self.block_size is not None and self.block_size != ph.block_size:
+                raise UsageError(f"chain {self.chain!r} uses block size {ph.block_size}; use --full to change it")
+            bs = ph.block_size
+            codec = self.codec or CodecParams(first.compression, first.compression_level)  # the chain's setting
+            split = ph.split_size if self.split_size is None else self.split_size
+            chain_id, sequence = ph.chain_id, ph.sequence + 1
+            if ph.metadata.get("source_identity") != src.identity:
+                self.note(f"source identity changed from {ph.metadata.get('source_identity')} to {src.identity}")
+        else:
+            bs = self.block_size or DEFAULT_BLOCK_SIZE
+            codec = self.codec or DEFAULT_CODEC
+            split = self.split_size or 0
+            chain_id, sequence = uuid.uuid4(), 0
+        if fs == "vfat" and (split == 0 or split > FAT_SPLIT):
+            split = FAT_SPLIT
+        point_id = uuid.uuid4()
+        created = time.time_ns() // 1000
+        header = spec.PointHeader(
+            point_id=point_id, chain_id=chain_id, parent_id=parent.point_id if parent else None,
+            parent_state=parent.footer.state_digest if parent else bytes(32),
+            host_id=host.host_id, source_id=src.source_id, sequence=sequence, block_size=bs,
+            volume_size=src.size, created_us=created,
+            kind=spec.KIND_INCREMENTAL if parent else spec.KIND_FULL,
+            compression=codec.compression, compression_level=codec.level, split_size=split,
+            metadata={
+                "host": host.name, "source": src.name, "source_path": os.path.abspath(src.path),
+                "source_identity": src.identity, "chain": self.chain, "tool": f"imagechain {__version__}",
+                **({"parent_file": parent.name.rpartition("/")[2]} if parent else {}),
+                **({FOLLOWS: gen[0].header.chain_id.hex} if parent is None and gen else {}),
+            },
+        )  # fmt: skip
+        base = repo.point_base(chain_dir, created, sequence, parent is None, point_id.hex)
+        writer = ImageWriter(repo.store, base, header, split)
+        cachew = MapWriter(self.cache, src.size, bs)
         try:
-            lin = lineage(cat, parent)
-        except ChainBrokenError as e:
-            raise ChainBrokenError(f"{e}; use --full to start a new chain") from e
-        if block_size is not None and block_size != ph.block_size:
-            raise UsageError(f"chain {chain!r} uses block size {ph.block_size}; use --full to change it")
-        bs = ph.block_size
-        codec = codec or CodecParams(ph.compression, ph.compression_level)
-        split = ph.split_size if split_size is None else split_size
-        pmap = load_cached(cache, parent.point_id, parent.footer.state_digest)
-        if pmap is None:
-            pmap = resolve(repo.store, lin, locations=False)
-        chain_id, sequence = ph.chain_id, ph.sequence + 1
-        if ph.metadata.get("source_identity") != src.identity:
-            notices.append(f"source identity changed from {ph.metadata.get('source_identity')} to {src.identity}")
-    else:
-        bs = block_size or DEFAULT_BLOCK_SIZE
-        codec = codec or DEFAULT_CODEC
-        split = split_size or 0
-        chain_id, sequence = uuid.uuid4(), 0
-    if fs == "vfat" and (split == 0 or split > FAT_SPLIT):
-        split = FAT_SPLIT
-    point_id = uuid.uuid4()
-    created = time.time_ns() // 1000
-    header = spec.PointHeader(
-        point_id=point_id, chain_id=chain_id, parent_id=parent.point_id if parent else None,
-        parent_state=parent.footer.state_digest if parent else bytes(32),
-        host_id=host.host_id, source_id=src.source_id, sequence=sequence, block_size=bs,
-        volume_size=src.size, created_us=created,
-        kind=spec.KIND_INCREMENTAL if parent else spec.KIND_FULL,
-        compression=codec.compression, compression_level=codec.level, split_size=split,
-        metadata={
-            "host": host.name, "source": src.name, "source_path": os.path.abspath(src.path),
-            "source_identity": src.identity, "chain": chain, "tool": f"imagechain {__version__}",
-            **({"parent_file": parent.name.rpartition("/")[2]} if parent else {}),
-        },
-    )  # fmt: skip
-    base = repo.point_base(chain_dir, created, sequence, parent is None, point_id.hex)
-    writer = ImageWriter(repo.store, base, header, split)
-    cachew = CacheWriter(cache, src.size, bs)
-    try:
-        stats = _run(src, bs, codec, pmap, writer, cachew, threads, progress)
-        files = writer.finish(stats.state, stats.summary(time.monotonic() - t0))
-    except BaseException:
-        writer.abort()
-        cachew.abort()
-        raise
-    cachew.commit(point_id, stats.state)
-    for n in notices:
-        progress.notice(n)
-    return BackupResult(
-        point_id=str(point_id), chain_id=str(chain_id), chain=chain, host=host.name, source=src.name,
-        kind="incremental" if parent else "full", sequence=sequence, files=files, volume_size=src.size,
-        block_size=bs, read_bytes=stats.read_bytes, changed_blocks=stats.changed_blocks,
-        changed_bytes=stats.changed_bytes, stored_bytes=stats.stored_bytes,
-        file_bytes=sum(repo.store.size(f) for f in files), duration_s=time.monotonic() - t0,
-        state_digest=stats.state.hex(), notices=notices,
-    )  # fmt: skip
+            stats = _run(src, bs, codec, pmap, writer, cachew, self.threads, self.progress)
+            self.lock.check()  # the lock is still ours: nobody else wrote this chain meanwhile
+            files = writer.finish(stats.state, stats.summary(time.monotonic() - t0))
+        except BaseException:
+            writer.abort()
+            cachew.abort()
+            raise
+        for name, size in writer.size_limits:
+            self.note(f"the filesystem refused to grow {name} past {size} bytes (file too large); "
+                      f"the point continues in a new segment")  # fmt: skip
+        commit_tip(cachew, self.cache, point_id, stats.state,
+                   (parent.point_id, parent.footer.state_digest) if parent else None)  # fmt: skip
+        return BackupResult(
+            point_id=str(point_id), chain_id=str(chain_id), chain=self.chain, host=host.name, source=src.name,
+            kind="incremental" if parent else "full", sequence=sequence, files=files, volume_size=src.size,
+            block_size=bs, read_bytes=stats.read_bytes, changed_blocks=stats.changed_blocks,
+            changed_bytes=stats.changed_bytes, stored_bytes=stats.stored_bytes,
+            file_bytes=sum(repo.store.size(f) for f in files), duration_s=time.monotonic() - t0,
+            state_digest=stats.state.hex(), parent_id=str(parent.point_id) if parent else None,
+            notices=self.notices,
+        )  # fmt: skip
 
 
-def _run(
-    src: Source, bs: int, codec: CodecParams, pmap: BlockMap | None, writer: ImageWriter,
-    cachew: CacheWriter, threads: int, progress: Progress,
-) -> _Stats:  # fmt: skip
+def prove_stored(store: Store, lin: list[PointFiles]) -> None:
+    """Before building on a lineage, prove what its restores will read besides payloads: every index
+    against its footer (headers and footers were proven when the repository was scanned)."""
+    for p in lin:
+        with PointReader(store, p) as r:
+            try:
+                r.check_index()
+            except Exception as e:
+                raise type(e)(f"{e}; the chain cannot be continued from {describe(lin[-1])}: "
+                              f"use --full to start a new chain") from e
+
+
+def recover_leftovers(store: Store, cat: Catalog, folder: str, note: object) -> bool:
+    """Temporaries a dead writer left in a chain folder (the caller holds the chain's lock): a set that
+    makes a whole point (its footer checks out) is published, since only the renames were missing;
+    what is provably incomplete (no footer anywhere) is removed; anything else is reported and kept."""
+    assert callable(note)
+    temps = [n for n in cat.leftovers if n.startswith(folder + "/")]
+    if not temps:
+        return False
+    scanned: dict[uuid.UUID, list[SegmentFile]] = {}
+    rest: list[str] = []
+    for name in temps:
+        sf = scan_file(store, StoreEntry(name, store.size(name)))
+        if sf is None or sf.seg.number < 0:
+            rest.append(name)
+        else:
+            scanned.setdefault(sf.seg.point_id, []).append(sf)
+    changed = False
+    for pid, tfiles in scanned.items():
+        published = [scan_file(store, StoreEntry(n, store.size(n))) for n, p in cat.by_file.items() if p == pid]
+        whole = assemble(pid, [f for f in published if f is not None] + tfiles).point
+        if whole is not None and any(f in whole.segments for f in tfiles):
+            for f in whole.segments:
+                final = temporary_of(f.name)
+                if final is not None:
+                    store.rename(f.name, final)
+            for f in tfiles:
+                if f not in whole.segments:
+                    store.delete(f.name)
+            note(f"published point {str(pid)[:8]} ({whole.segments[0].name}): a backup had written it whole "
+                 f"and was stopped before its last rename")  # fmt: skip
+            changed = True
+        elif not any(f.footer is not None or "footer" in f.problem for f in tfiles) and whole is None:
+            rest.extend(f.name for f in tfiles)
+        else:
+            note(f"kept {', '.join(f.name for f in tfiles)}: it has a footer but is not a whole point; "
+                 f"check it with imagechain verify")  # fmt: skip
+    for name in rest:
+        store.delete(name)
+        note(f"removed {name}, left by an interrupted backup")
+        changed = True
+    return changed
+
+
+def _items(src: Source, bs: int, pmap: MapFile | None) -> Iterator[_Item]:
+    """The volume in chunks, in order; holes of image files as one item without a read."""
     size = src.size
     n_total = block_count(size, bs)
     per_chunk = max(1, CHUNK_BYTES // bs)
-    pn = pmap.count if pmap is not None else 0
-    pdig = pmap.digest.view("<u8").reshape(-1, 4) if pmap is not None else None
-    pkind = pmap.kind if pmap is not None else None
+    start = 0
+    while start < n_total:
+        n = min(per_chunk, n_total - start)
+        off = start * bs
+        length = min(n * bs, size - off)
+        data: bytes | None = None
+        if src.hole(off, length):
+            while start + n < n_total and n < per_chunk * HOLE_SPAN:
+                more = min(per_chunk, n_total - start - n)
+                if not src.hole((start + n) * bs, min(more * bs, size - (start + n) * bs)):
+                    break
+                n += more
+        else:
+            data = src.read(off, length)
+        pk = pd = None
+        if pmap is not None and start < pmap.n:
+            w = pmap.window(start, start + n)
+            pk, pd = w.kind, w.digest
+        yield _Item(start, n, data, pk, pd)
+        start += n
+
+
+def _run(
+    src: Source, bs: int, codec: CodecParams, pmap: MapFile | None, writer: ImageWriter,
+    cachew: MapWriter, threads: int, progress: Progress,
+) -> _Stats:  # fmt: skip
+    size = src.size
+    n_total = block_count(size, bs)
     try:
         os.posix_fadvise(src.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     except (OSError, AttributeError):
         pass
 
-    def chunks() -> object:
-        for start in range(0, n_total, per_chunk):
-            off = start * bs
-            yield start, src.read(off, min(per_chunk * bs, size - off))
-
-    def work(item: tuple[int, bytes]) -> _Chunk:
-        start, data = item
-        n = -(-len(data) // bs)
-        mv = memoryview(data)
+    def work(item: _Item) -> _Chunk:
+        start, n, data = item.start, item.blocks, item.data
+        vol_bytes = min(n * bs, size - start * bs)
         kinds = np.full(n, spec.BLOCK_DATA, np.uint8)
-        nfull = len(data) // bs
-        if nfull:
-            words = np.frombuffer(data, np.uint64, count=nfull * bs // 8).reshape(nfull, -1)
-            kinds[:nfull][~words.any(axis=1)] = spec.BLOCK_ZERO
-        if nfull < n and not np.frombuffer(data, np.uint8, offset=nfull * bs).any():
-            kinds[nfull] = spec.BLOCK_ZERO
-        dbuf = bytearray(32 * n)
-        for j in np.flatnonzero(kinds == spec.BLOCK_DATA).tolist():
-            dbuf[32 * j : 32 * j + 32] = blake3.blake3(mv[j * bs : (j + 1) * bs]).digest()
-        digests = np.frombuffer(dbuf, np.uint8).reshape(n, 32)
-        if pdig is not None and pkind is not None:
-            m = max(0, min(n, pn - start))
+        if data is None:
+            kinds[:] = spec.BLOCK_ZERO
+            digests = np.zeros((n, 32), np.uint8)
+        else:
+            mv = memoryview(data)
+            nfull = len(data) // bs
+            if nfull:
+                words = np.frombuffer(data, np.uint64, count=nfull * bs // 8).reshape(nfull, -1)
+                kinds[:nfull][~words.any(axis=1)] = spec.BLOCK_ZERO
+            if nfull < n and not np.frombuffer(data, np.uint8, offset=nfull * bs).any():
+                kinds[nfull] = spec.BLOCK_ZERO
+            dbuf = bytearray(32 * n)
+            for j in np.flatnonzero(kinds == spec.BLOCK_DATA).tolist():
+                dbuf[32 * j : 32 * j + 32] = blake3.blake3(mv[j * bs : (j + 1) * bs]).digest()
+            digests = np.frombuffer(dbuf, np.uint8).reshape(n, 32)
+        if item.pkind is not None and item.pdigest is not None:
+            m = len(item.pkind)
             changed = np.ones(n, bool)
             cur = digests.view("<u8").reshape(n, 4)
-            changed[:m] = (cur[:m] != pdig[start : start + m]).any(axis=1) | (kinds[:m] != pkind[start : start + m])
+            pdig = item.pdigest.view("<u8").reshape(m, 4)
+            changed[:m] = (cur[:m] != pdig).any(axis=1) | (kinds[:m] != item.pkind)
             idx = np.flatnonzero(changed)
         else:
             idx = np.arange(n)
         payloads = []
         raw = 0
         for j in idx.tolist():
-            ln = min(bs, len(data) - j * bs)
+            ln = min(bs, vol_bytes - j * bs)
             raw += ln
             if kinds[j] == spec.BLOCK_DATA:
-                payloads.append(encode(codec, mv[j * bs : j * bs + ln]))
+                assert data is not None
+                payloads.append(encode(codec, memoryview(data)[j * bs : j * bs + ln]))
         return _Chunk(start, kinds, digests, idx, payloads, raw)
 
     state = StateHasher(size, bs)
     st = _Stats(n_total, size)
     progress.start("backup", size)
+    # every thread of the pipeline is stopped and joined before this returns or raises, so none of them
+    # outlives the backup or touches the source after it is closed
+    feed = prefetch(_items(src, bs, pmap), 3)
+    results = ordered_map(work, feed, threads, threads * 2)
     try:
-        for ch in ordered_map(work, prefetch(chunks(), 3), threads, threads * 2):  # type: ignore[arg-type]
+        for ch in results:
             n = len(ch.kinds)
             state.update(ch.kinds, ch.digests)
             cachew.write(ch.start, ch.kinds, ch.digests)
@@ -304,6 +495,8 @@ def _run(
             st.read_bytes += nbytes
             progress.advance(nbytes)
     finally:
+        results.close()
+        feed.close()
         progress.stop()
     st.state = state.digest()
     return st

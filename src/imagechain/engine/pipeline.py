@@ -1,5 +1,8 @@
 """Overlap I/O and CPU with bounded memory: a prefetching reader thread feeds a thread pool whose
-results come back in order. hashing, compression and file I/O release the GIL, so threads suffice."""
+results come back in order. hashing, compression and file I/O release the GIL, so threads suffice.
+
+Both are generators whose threads stop when they are closed: callers close them in a `finally`, so no
+thread outlives the operation (garbage collection would close them too, but at no known moment)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -21,7 +24,7 @@ def default_threads() -> int:
     return max(2, os.cpu_count() or 2)
 
 
-def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+def prefetch(items: Iterable[T], depth: int) -> Generator[T, None, None]:
     """Produce items in a background thread, at most `depth` ahead of the consumer."""
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -60,7 +63,7 @@ def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
                 t.join(0.05)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, depth: int) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, depth: int) -> Generator[R, None, None]:
     """fn over items in a pool, results in input order, at most `depth` in flight."""
     with ThreadPoolExecutor(threads, thread_name_prefix="work") as pool:
         pending: deque[Future[R]] = deque()

@@ -16,7 +16,7 @@ import blake3
 import numpy as np
 
 from ..blockmap import BlockMap
-from ..chain import lineage, resolve
+from ..chain import Catalog, MapStream
 from ..codec import decode
 from ..errors import IntegrityError, NoSpaceError, TargetError
 from ..format import spec
@@ -46,20 +46,19 @@ class RestoreResult:
 
 
 class PayloadSource:
-    """Fetches payloads for a resolved map, coalescing neighbouring payloads into one read."""
+    """Fetches and proves payloads for windows of a resolved map, coalescing neighbours into one read."""
 
-    def __init__(self, repo: Repository, points: list[PointFiles], bm: BlockMap) -> None:
+    def __init__(self, repo: Repository, points: list[PointFiles]) -> None:
         self.readers = [PointReader(repo.store, p) for p in points]
         self.points = points
-        self.bm = bm
 
-    def fetch(self, blocks: np.ndarray) -> list[bytes]:
-        """Payloads for DATA blocks (sorted block numbers)."""
-        bm = self.bm
+    def fetch(self, bm: BlockMap, blocks: np.ndarray) -> list[bytes]:
+        """Payloads for DATA blocks (ascending block numbers inside the window bm)."""
         assert bm.src is not None and bm.offset is not None and bm.length is not None
         if not len(blocks):
             return []
-        src, off, ln = bm.src[blocks], bm.offset[blocks].astype(np.int64), bm.length[blocks].astype(np.int64)
+        rel = blocks - bm.start
+        src, off, ln = bm.src[rel], bm.offset[rel].astype(np.int64), bm.length[rel].astype(np.int64)
         brk = np.ones(len(blocks), bool)
         brk[1:] = (src[1:] != src[:-1]) | (off[1:] != off[:-1] + ln[:-1])
         heads = [*np.flatnonzero(brk).tolist(), len(blocks)]
@@ -71,22 +70,36 @@ class PayloadSource:
             out.extend(bytes(data[int(off[i]) - base : int(off[i] + ln[i]) - base]) for i in range(a, b))
         return out
 
-    def check(self, block: int, payload: bytes) -> bytes:
+    def check(self, bm: BlockMap, block: int, payload: bytes) -> bytes:
         """Decode one payload and prove it is the block that was backed up."""
-        bm = self.bm
-        assert bm.codec is not None and bm.src is not None
-        where = self.points[int(bm.src[block])].name
+        assert bm.codec is not None and bm.src is not None and bm.offset is not None
+        i = block - bm.start
+        r = self.readers[int(bm.src[i])]
         try:
-            raw = decode(int(bm.codec[block]), payload, bm.raw_length(block))
+            raw = decode(int(bm.codec[i]), payload, bm.raw_length(block))
         except IntegrityError as e:
-            raise IntegrityError(f"{where}: block {block} is corrupt ({e})") from e
-        if blake3.blake3(raw).digest() != bm.digest[block].tobytes():
-            raise IntegrityError(f"{where}: block {block} is corrupt (digest mismatch)")
+            raise IntegrityError(f"{r.segment_at(int(bm.offset[i]))}: block {block} is corrupt ({e})") from e
+        if blake3.blake3(raw).digest() != bm.digest[i].tobytes():
+            raise IntegrityError(f"{r.segment_at(int(bm.offset[i]))}: block {block} is corrupt (digest mismatch)")
         return raw
+
+    def verified(self, bm: BlockMap, blocks: list[int]) -> dict[int, bytes]:
+        fetched = self.fetch(bm, np.array(blocks, np.int64))
+        return {b: self.check(bm, b, p) for b, p in zip(blocks, fetched, strict=True)}
 
     def close(self) -> None:
         for r in self.readers:
             r.close()
+
+
+@dataclass
+class _Piece:
+    """Blocks [s, e) of a window, and which of them hold data."""
+
+    bm: BlockMap
+    s: int
+    e: int
+    data: list[int]
 
 
 def restore(
@@ -98,71 +111,37 @@ def restore(
     force: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
+    cat: Catalog | None = None,
 ) -> RestoreResult:
     t0 = time.monotonic()
     progress = progress or Silent()
     threads = threads or default_threads()
-    cat = repo.catalog()
-    points = lineage(cat, point)
-    bm = resolve(repo.store, points)  # proves the map against the point's state digest
-    payloads = PayloadSource(repo, points, bm)
-    bs, size = bm.block_size, bm.volume_size
-    per_chunk = max(1, CHUNK_BYTES // bs)
+    points = (cat or repo.catalog()).lineage(point)
+    with MapStream(repo.store, points) as ms:
+        ms.prove()  # the whole map against the point's state digest, before a byte is written
+    h = point.header
+    bs, size = h.block_size, h.volume_size
+    fd, is_dev, fresh = _open_target(target, size, delta, force)
+    job = _Restore(fd, bs, size, fresh, delta, PayloadSource(repo, points))
+    maps = MapStream(repo.store, points, locations=True)
+    feed = prefetch(job.pieces(maps.windows()), 3)
+    results = ordered_map(job.work, feed, threads, threads * 2)
     written = written_blocks = checked = 0
-
-    def data_blocks(s: int, e: int) -> list[int]:
-        return (np.flatnonzero(bm.kind[s:e] == spec.BLOCK_DATA) + s).tolist()
-
-    def plan() -> Iterator[tuple[int, int, list[int], list[bytes] | None]]:
-        for s in range(0, bm.count, per_chunk):
-            e = min(bm.count, s + per_chunk)
-            if delta:  # fetches only the payloads of blocks that differ, once it knows which
-                yield s, e, [], None
-            else:
-                blocks = data_blocks(s, e)
-                yield s, e, blocks, payloads.fetch(np.array(blocks, np.int64))
-
-    def verified(blocks: list[int], fetched: list[bytes]) -> dict[int, bytes]:
-        return {b: payloads.check(b, p) for b, p in zip(blocks, fetched, strict=True)}
-
-    def delta_chunk(s: int, e: int) -> tuple[int, int, list[tuple[int, bytes]], int]:
-        start, end = s * bs, min(size, e * bs)
-        current = memoryview(_pread_full(fd, end - start, start))
-        differ: list[int] = []
-        zeros: list[tuple[int, bytes]] = []
-        for b in range(s, e):
-            cur = current[(b - s) * bs : min((b - s + 1) * bs, end - start)]
-            if bm.kind[b] != spec.BLOCK_DATA:
-                if np.frombuffer(cur, np.uint8).any():
-                    zeros.append((b, bytes(len(cur))))
-            elif blake3.blake3(cur).digest() != bm.digest[b].tobytes():
-                differ.append(b)
-        raws = verified(differ, payloads.fetch(np.array(differ, np.int64)))
-        return s, e, sorted(zeros + list(raws.items())), len(differ)
-
-    def work(item: tuple[int, int, list[int], list[bytes] | None]) -> tuple[int, int, list[tuple[int, bytes]], int]:
-        s, e, blocks, fetched = item
-        if fetched is None:
-            return delta_chunk(s, e)
-        raws = verified(blocks, fetched)
-        if fresh:
-            return s, e, sorted(raws.items()), len(blocks)
-        return s, e, [(b, raws.get(b) or bytes(bm.raw_length(b))) for b in range(s, e)], len(blocks)
-
-    fd, is_dev, fresh = _open_target(target, bm.volume_size, delta, force)
     try:
         progress.start("restore", size)
-        for s, e, writes, nchecked in ordered_map(work, prefetch(plan(), 3), threads, threads * 2):
+        for e_bytes, writes, nchecked in results:
             checked += nchecked
             for off, buf in _coalesce(writes, bs):
                 _pwrite_full(fd, buf, off)
                 written += len(buf)
             written_blocks += len(writes)
-            progress.advance(min(size, e * bs) - s * bs)
+            progress.advance(e_bytes)
         if not is_dev:
             os.ftruncate(fd, size)
         os.fsync(fd)
     except BaseException as exc:
+        results.close()  # stop the pipeline before the target goes
+        feed.close()
         os.close(fd)
         fd = -1
         if fresh:  # never leave a half-restored new file that looks like a volume
@@ -173,12 +152,66 @@ def restore(
             raise TargetError(f"cannot write restore target {target}: {exc.strerror}") from exc
         raise
     finally:
+        results.close()
+        feed.close()
         progress.stop()
-        payloads.close()
+        job.payloads.close()
+        maps.close()
         if fd >= 0:
             os.close(fd)
     return RestoreResult(str(point.point_id), target, size, written, written_blocks, checked, delta,
                          time.monotonic() - t0, point.footer.state_digest.hex())  # fmt: skip
+
+
+@dataclass
+class _Restore:
+    fd: int
+    bs: int
+    size: int
+    fresh: bool
+    delta: bool
+    payloads: PayloadSource
+
+    def pieces(self, windows: Iterator[BlockMap]) -> Iterator[_Piece]:
+        """Chunks of each window; a run of chunks with nothing to write to a new (sparse) file is one piece."""
+        per_chunk = max(1, CHUNK_BYTES // self.bs)
+        for bm in windows:
+            data = np.flatnonzero(bm.kind == spec.BLOCK_DATA) + bm.start
+            s = bm.start
+            while s < bm.end:
+                e = min(bm.end, s + per_chunk)
+                lo, hi = np.searchsorted(data, [s, e])
+                if self.fresh and not self.delta and lo == hi:  # nothing to write up to the next data block
+                    e = max(e, int(data[hi]) if hi < len(data) else bm.end)
+                yield _Piece(bm, s, e, data[lo:hi].tolist())
+                s = e
+
+    def work(self, p: _Piece) -> tuple[int, list[tuple[int, bytes]], int]:
+        """(volume bytes covered, writes in block order, blocks checked)."""
+        covered = min(self.size, p.e * self.bs) - p.s * self.bs
+        if self.delta:
+            return covered, *self._delta(p)
+        raws = self.payloads.verified(p.bm, p.data)
+        if self.fresh:
+            return covered, sorted(raws.items()), len(p.data)
+        return covered, [(b, raws.get(b) or bytes(p.bm.raw_length(b))) for b in range(p.s, p.e)], len(p.data)
+
+    def _delta(self, p: _Piece) -> tuple[list[tuple[int, bytes]], int]:
+        """CBC in reverse: read the target, digest its blocks, fetch only payloads of blocks that differ."""
+        bs, bm = self.bs, p.bm
+        start, end = p.s * bs, min(self.size, p.e * bs)
+        current = memoryview(_pread_full(self.fd, end - start, start))
+        differ: list[int] = []
+        zeros: list[tuple[int, bytes]] = []
+        for b in range(p.s, p.e):
+            cur = current[(b - p.s) * bs : min((b - p.s + 1) * bs, end - start)]
+            if bm.kind[b - bm.start] != spec.BLOCK_DATA:
+                if np.frombuffer(cur, np.uint8).any():
+                    zeros.append((b, bytes(len(cur))))
+            elif blake3.blake3(cur).digest() != bm.digest[b - bm.start].tobytes():
+                differ.append(b)
+        raws = self.payloads.verified(bm, differ)
+        return sorted(zeros + list(raws.items())), len(differ)
 
 
 def _open_target(target: str, size: int, delta: bool, force: bool) -> tuple[int, bool, bool]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..blockmap import BlockMap
-from ..chain import Catalog, MapProver, describe, lineage
+from ..chain import Catalog, MapStream, describe
 from ..codec import decode
 from ..errors import ImagechainError, IntegrityError
 from ..format import spec
@@ -27,13 +29,15 @@ class PointReport:
     problems: list[str] = field(default_factory=list)
     bad_blocks: list[int] = field(default_factory=list)
     checked_blocks: int = 0
+    notices: list[str] = field(default_factory=list)  # damage to informational parts only (the summary)
 
 
 @dataclass
 class VerifyReport:
     points: list[PointReport] = field(default_factory=list)
-    incomplete: list[str] = field(default_factory=list)  # files that are not (whole) points
+    incomplete: list[str] = field(default_factory=list)  # files that are not (whole, sound) points
     leftovers: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # forks, ignored copies, misnamed segments
 
     @property
     def ok(self) -> bool:
@@ -45,93 +49,144 @@ class VerifyReport:
             "points": [vars(p) for p in self.points],
             "incomplete": self.incomplete,
             "leftovers": self.leftovers,
+            "notices": self.notices,
         }
+
+
+def fork_notices(cat: Catalog, points: list[PointFiles]) -> list[str]:
+    out = []
+    ids = {p.point_id for p in points}
+    for pts in cat.generations().values():
+        for parent, kids in cat.forks([p for p in pts if p.point_id in ids]):
+            tips = cat.tips(pts)
+            out.append(
+                f"chain {parent.header.metadata.get('chain')!r} forks at {describe(parent)} into "
+                f"{len(kids)} branches ({', '.join(str(k.point_id)[:8] for k in kids)}); its tips are "
+                f"{', '.join(str(t.point_id)[:8] for t in tips)}"
+            )
+    return out
 
 
 def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | None = None,
            progress: Progress | None = None, cat: Catalog | None = None) -> VerifyReport:  # fmt: skip
     progress = progress or Silent()
     cat = cat or repo.catalog()
-    report = VerifyReport(leftovers=list(cat.leftovers))
+    report = VerifyReport(leftovers=list(cat.leftovers), notices=list(cat.notices))
     if only is None:
-        report.incomplete = [f"{', '.join(files)}: {why}" for files, why in cat.problems]
-        targets = sorted(cat.points.values(), key=lambda p: (str(p.header.chain_id), p.header.sequence))
+        report.incomplete = [f"{', '.join(files)}: {why}" for files, why in [*cat.damaged.values(), *cat.problems]]
+        targets = sorted(cat.points.values(), key=lambda p: (str(p.header.chain_id), p.header.sequence,
+                                                              p.header.created_us))  # fmt: skip
     else:
         # a point is only as sound as the points it is restored from: check its whole lineage
         try:
-            targets = lineage(cat, only)
+            targets = cat.lineage(only)
         except ImagechainError:
-            targets = [only]  # the broken link is reported by the point's own check
-    total = sum(p.footer.index_count for p in targets)
-    progress.start("verify", max(total, 1))
+            targets = cat.ancestry(only)  # the broken link is reported by the map proof
+    report.notices += fork_notices(cat, targets)
+    maps = _prove_maps(repo, cat, targets)
+    progress.start("verify", max(1, sum(p.footer.index_offset for p in targets)))  # ~ payload bytes
     try:
-        maps = MapProver(repo.store, cat)
         for p in targets:
-            report.points.append(_verify_point(repo, maps, p, threads or default_threads(), progress))
+            rep = _verify_point(repo, p, threads or default_threads(), progress)
+            if maps.get(p.point_id):
+                rep.problems.append(maps[p.point_id])
+            rep.ok = not rep.problems
+            report.points.append(rep)
     finally:
         progress.stop()
     return report
 
 
-def _verify_point(repo: Repository, maps: MapProver, p: PointFiles, threads: int, progress: Progress) -> PointReport:
+def _prove_maps(repo: Repository, cat: Catalog, targets: list[PointFiles]) -> dict[uuid.UUID, str]:
+    """Every target's map proven against its state digest: one pass over the indexes per branch."""
+    ids = {p.point_id for p in targets}
+    leaves = [p for p in targets if not any(k.point_id in ids for k in cat.children.get(p.point_id, ()))]
+    out: dict[uuid.UUID, str] = {}
+    for leaf in leaves:
+        try:
+            lin = cat.lineage(leaf)
+        except ImagechainError as e:
+            for p in cat.ancestry(leaf):
+                out.setdefault(p.point_id, str(e))
+            continue
+        with MapStream(repo.store, lin) as ms:
+            out.update(ms.prove_all(skip=set(out)))
+    return out
+
+
+def _verify_point(repo: Repository, p: PointFiles, threads: int, progress: Progress) -> PointReport:
     rep = PointReport(str(p.point_id), p.name, True)
-    try:
-        with PointReader(repo.store, p) as r:
+    with PointReader(repo.store, p) as r:
+        try:
             r.summary()
-            idx = r.index()
-            rep.bad_blocks, rep.checked_blocks = _check_payloads(r, p.header, idx, threads, progress)
-        if rep.bad_blocks:
-            shown = ", ".join(map(str, rep.bad_blocks[:20])) + (" ..." if len(rep.bad_blocks) > 20 else "")
-            rep.problems.append(f"{p.name}: {len(rep.bad_blocks)} corrupt block(s): {shown}")
-        maps.prove(p)
-    except ImagechainError as e:
-        rep.problems.append(str(e))
-    rep.ok = not rep.problems
+        except (ImagechainError, ValueError) as e:  # informational: the data is not affected
+            rep.notices.append(f"{e} (statistics only; the point's data is not affected)")
+        try:
+            r.check_index()
+            bad, rep.checked_blocks = _check_payloads(r, p.header, threads, progress)
+        except ImagechainError as e:
+            rep.problems.append(str(e))
+            return rep
+    by_file: dict[str, list[int]] = {}
+    for blk, where in bad:
+        by_file.setdefault(where, []).append(blk)
+    for where, blocks in by_file.items():
+        shown = ", ".join(map(str, blocks[:20])) + (" ..." if len(blocks) > 20 else "")
+        rep.problems.append(f"{where}: {len(blocks)} corrupt block(s): {shown}")
+    rep.bad_blocks = sorted(b for b, _ in bad)
     return rep
 
 
-def _check_payloads(r: PointReader, h: spec.PointHeader, idx: np.ndarray, threads: int,
-                    progress: Progress) -> tuple[list[int], int]:  # fmt: skip
-    data = idx[idx["kind"] == spec.BLOCK_DATA]
-    data = data[np.argsort(data["offset"], kind="stable")]
-    geometry = BlockMap(h.volume_size, h.block_size, np.zeros(0, np.uint8), np.zeros((0, 32), np.uint8))
-    # batches of payloads that are contiguous in the file, ~READ_BYTES each
-    batches: list[np.ndarray] = []
-    start, acc = 0, 0
-    for i, ln in enumerate(data["length"].tolist()):
-        acc += ln
-        if acc >= READ_BYTES:
-            batches.append(data[start : i + 1])
-            start, acc = i + 1, 0
-    if start < len(data):
-        batches.append(data[start:])
+def _batches(r: PointReader) -> Iterator[np.ndarray]:
+    """DATA entries in batches of payloads that lie together in the file, ~READ_BYTES each."""
+    for ent in r.iter_index():
+        data = ent[ent["kind"] == spec.BLOCK_DATA]
+        data = data[np.argsort(data["offset"], kind="stable")]
+        start, acc = 0, 0
+        for i, ln in enumerate(data["length"].tolist()):
+            acc += ln
+            if acc >= READ_BYTES:
+                yield data[start : i + 1]
+                start, acc = i + 1, 0
+        if start < len(data):
+            yield data[start:]
 
-    def work(batch: np.ndarray) -> list[int]:
+
+def _check_payloads(r: PointReader, h: spec.PointHeader, threads: int,
+                    progress: Progress) -> tuple[list[tuple[int, str]], int]:  # fmt: skip
+    """(bad blocks with the file holding each, DATA blocks checked)."""
+    geometry = BlockMap(h.volume_size, h.block_size, np.zeros(0, np.uint8), np.zeros((0, 32), np.uint8))
+
+    def work(batch: np.ndarray) -> tuple[int, int, list[tuple[int, str]]]:
         bad = []
         lo = int(batch["offset"][0])
         hi = int(batch["offset"][-1]) + int(batch["length"][-1])
         try:
             buf = memoryview(r.read(lo, hi - lo))
         except IntegrityError:
-            return [int(b) for b in batch["block"]]
+            return len(batch), hi - lo, [(int(e["block"]), r.segment_at(int(e["offset"]))) for e in batch]
         for e in batch:
             blk = int(e["block"])
             o = int(e["offset"]) - lo
             try:
                 raw = decode(int(e["codec"]), bytes(buf[o : o + int(e["length"])]), geometry.raw_length(blk))
                 if spec.b3(raw) != e["digest"].tobytes():
-                    bad.append(blk)
+                    bad.append((blk, r.segment_at(int(e["offset"]))))
             except IntegrityError:
-                bad.append(blk)
-        return bad
+                bad.append((blk, r.segment_at(int(e["offset"]))))
+        return len(batch), hi - lo, bad
 
-    bad: list[int] = []
-    for batch, res in zip(batches, ordered_map(work, batches, threads, threads * 2), strict=True):
-        bad.extend(res)
-        progress.advance(len(batch))
-    progress.advance(int(len(idx) - len(data)))
-    return sorted(bad), len(data)
-
+    bad: list[tuple[int, str]] = []
+    checked = 0
+    results = ordered_map(work, _batches(r), threads, threads * 2)
+    try:
+        for n, nbytes, res in results:
+            bad.extend(res)
+            checked += n
+            progress.advance(nbytes)
+    finally:
+        results.close()
+    return bad, checked
 
 
 __all__ = ["PointReport", "VerifyReport", "describe", "verify"]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import blake3
 import numpy as np
 import zstandard
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, RepositoryError
 from ..stores import RandomReader, Store, StoreEntry
 from . import spec
 from .writer import EXTENSION, segment_name, split_segment_name
@@ -98,22 +101,36 @@ class PointFiles:
         return self.segments[0].name
 
 
-def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> tuple[PointFiles | None, str]:
-    """Put a point together from the segment files found for it; (None, why) when it is not whole."""
+@dataclass
+class Assembly:
+    """What the files found for one point id amount to (docs/FORMAT.md section 1, "existence")."""
+
+    point: PointFiles | None = None
+    damaged: str = ""  # a footer is there, but the point cannot be proven whole: why
+    incomplete: str = ""  # no footer at all: an unfinished write, not a point
+    notices: list[str] = field(default_factory=list)  # ignored copies, misnamed segment files
+
+
+def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> Assembly:
+    """Put a point together from the segment files found for it, by their headers alone."""
     usable = [f for f in files if not f.problem]
     broken = [f for f in files if f.problem]
     footers = [f for f in usable if f.footer is not None]
     short = str(point_id)[:8]
+    listing = ", ".join(sorted(f.name for f in files))
     if not footers:
-        why = broken[0].problem if broken else "no segment has a footer (interrupted or truncated write)"
-        return None, f"point {short} is incomplete: {why} [{', '.join(sorted(f.name for f in files))}]"
+        footer_damage = [f for f in broken if "footer" in f.problem or "header" in f.problem]
+        if footer_damage:
+            return Assembly(damaged=f"point {short} is damaged: {footer_damage[0].problem} [{listing}]")
+        return Assembly(incomplete=f"point {short} is incomplete: no segment ends with a footer "
+                                   f"(an interrupted or truncated write) [{listing}]")  # fmt: skip
     last = footers[0]
     assert last.footer is not None
     footer = last.footer
     count = footer.segment_count
     chosen: list[SegmentFile | None] = [None] * count
     folder = last.name.rpartition("/")[0]
-    for f in sorted(usable, key=lambda f: f.name.rpartition("/")[0] != folder):
+    for f in sorted(usable, key=lambda f: (f.name.rpartition("/")[0] != folder, f.name)):
         n = f.seg.number
         if 0 <= n < count and chosen[n] is None and (n != count - 1 or f is last):
             chosen[n] = f
@@ -121,43 +138,60 @@ def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> tuple[PointFiles 
     if missing:
         base = split_segment_name(last.name)[0]
         names = ", ".join(f"segment {i} ({segment_name(base, i)})" for i in missing)
-        return None, f"point {short} is missing {names} of {count}"
+        why = f"; {broken[0].problem}" if broken else ""
+        return Assembly(damaged=f"point {short} is damaged: missing {names} of {count}{why}")
     segs = [f for f in chosen if f is not None]
-    stated = {f.name: split_segment_name(f.name)[1] for f in segs}
-    misnamed = [f for f in segs if stated[f.name] not in (None, f.seg.number)]
-    if misnamed:
-        which = "; ".join(f"{f.name} holds segment {f.seg.number}, not {stated[f.name]}" for f in misnamed)
-        return None, f"point {short}: segment files swapped or misnamed: {which}"
     expect = 0
     for f in segs:
         if f.seg.logical_offset != expect:
-            return None, (
-                f"point {short}: {f.name} does not fit at segment {f.seg.number} "
-                f"(starts at {f.seg.logical_offset}, expected {expect}; swapped, truncated or foreign segment)"
-            )
+            return Assembly(damaged=(
+                f"point {short} is damaged: {f.name} does not fit at segment {f.seg.number} "
+                f"(starts at {f.seg.logical_offset}, expected {expect}; truncated or foreign segment)"
+            ))  # fmt: skip
         expect = f.data_end
     if expect != footer.logical_length:
-        return None, f"point {short}: segments hold {expect} bytes, footer says {footer.logical_length}"
+        return Assembly(damaged=f"point {short} is damaged: segments hold {expect} bytes, "
+                                f"the footer says {footer.logical_length}")  # fmt: skip
     header = segs[0].header
     if header is None:
-        return None, f"point {short}: {segs[0].name} has no readable point header"
+        why = segs[0].problem or "no readable point header"
+        return Assembly(damaged=f"point {short} is damaged: {segs[0].name}: {why}")
     if spec.b3(header.pack()) != footer.header_digest:
-        return None, f"point {short}: {segs[0].name}: header does not match the footer (altered header)"
-    return PointFiles(header, footer, segs), ""
+        return Assembly(damaged=f"point {short} is damaged: {segs[0].name}: the header does not match the "
+                                f"footer (altered header)")  # fmt: skip
+    out = Assembly(PointFiles(header, footer, segs))
+    used = {id(f) for f in segs}
+    for f in files:
+        if id(f) in used:
+            continue
+        what = f"segment {f.seg.number}" if not f.problem else f"a damaged copy of a segment ({f.problem})"
+        out.notices.append(f"{f.name}: ignored copy of {what} of point {short}; the point uses "
+                           f"{segs[f.seg.number].name if 0 <= f.seg.number < count else 'other files'}")  # fmt: skip
+    for f in segs:
+        stated = split_segment_name(f.name)[1]
+        if stated is not None and stated != f.seg.number:
+            out.notices.append(f"{f.name} holds segment {f.seg.number} of point {short}, not {stated}: "
+                               f"misnamed (the point is assembled by its headers)")  # fmt: skip
+    return out
 
 
-def _decompress_frames(raw: bytes) -> bytes:
-    """All zstd frames of raw, back to back (the index is written as one frame per 64 Ki entries)."""
-    dctx = zstandard.ZstdDecompressor()
-    parts = []
-    rest = raw
-    while rest:
-        obj = dctx.decompressobj()
-        parts.append(obj.decompress(rest))
-        if not obj.eof:
-            raise zstandard.ZstdError("truncated frame")
-        rest = obj.unused_data
-    return b"".join(parts)
+class _RegionReader(io.RawIOBase):
+    """A file-like view of a logical byte range of a point, read in large pieces."""
+
+    def __init__(self, reader: PointReader, offset: int, length: int) -> None:
+        self._r, self._pos, self._end = reader, offset, offset + length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        n = min(len(buf), self._end - self._pos, 8 << 20)
+        if n <= 0:
+            return 0
+        data = self._r.read(self._pos, n)
+        buf[:n] = data
+        self._pos += n
+        return n
 
 
 class PointReader:
@@ -179,7 +213,18 @@ class PointReader:
                     h = self._handles[i] = self.store.open(self.files.segments[i].name)
         return h
 
+    def segment_at(self, offset: int) -> str:
+        """The file that holds a logical offset (for messages that name the damaged file)."""
+        i = max(0, int(np.searchsorted(self._starts, offset, side="right")) - 1)
+        return self.files.segments[i].name
+
     def read(self, offset: int, length: int) -> bytes:
+        try:
+            return self._read(offset, length)
+        except OSError as e:
+            raise RepositoryError(f"cannot read {self.segment_at(offset)}: {e.strerror or e}") from e
+
+    def _read(self, offset: int, length: int) -> bytes:
         parts = []
         segs = self.files.segments
         i = max(0, int(np.searchsorted(self._starts, offset, side="right")) - 1)
@@ -201,18 +246,97 @@ class PointReader:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def index(self) -> np.ndarray:
+        """The whole index (small points and tests; large ones use iter_index)."""
+        parts = list(self.iter_index())
+        return np.concatenate(parts) if parts else np.zeros(0, spec.INDEX_ENTRY)
+
+    def directory(self) -> np.ndarray | None:
+        """The frame directory (format 1.1), checked against the footer; None for 1.0 points."""
         ft = self.footer
-        raw = self.read(ft.index_offset, ft.index_length) if ft.index_length else b""
-        if spec.b3(raw) != ft.index_digest:
-            raise IntegrityError(f"{self.files.name}: index checksum mismatch")
+        if self.header.minor < 1:
+            return None
+        raw = self.read(ft.directory_offset, ft.directory_length) if ft.directory_length else b""
+        if spec.b3(raw)[: spec.DIRECTORY_DIGEST_SIZE] != ft.directory_digest:
+            raise IntegrityError(f"{self.segment_at(ft.directory_offset)}: index frame directory checksum "
+                                 f"mismatch")  # fmt: skip
+        if len(raw) % spec.FRAME_ENTRY.itemsize:
+            raise IntegrityError(f"{self.files.name}: index frame directory has a partial entry")
+        d = np.frombuffer(raw, spec.FRAME_ENTRY)
+        ends = d["offset"].astype(np.int64) + d["length"]
+        if (int(d["entries"].astype(np.int64).sum()) != ft.index_count
+                or (len(d) and (int(d["offset"][0]) != ft.index_offset or int(ends[-1]) != ft.directory_offset))
+                or (ends[:-1] != d["offset"][1:].astype(np.int64)).any()):  # fmt: skip
+            raise IntegrityError(f"{self.files.name}: index frame directory does not match the index")
+        return d
+
+    def iter_index(self, from_block: int = 0) -> Iterator[np.ndarray]:
+        """Index entries in block order, one frame at a time (memory: one frame). Entries ending at or
+        before from_block may be skipped (whole frames are, through the frame directory)."""
+        d = self.directory()
+        if d is None:
+            yield from self._iter_index_v10()
+            return
+        dctx = zstandard.ZstdDecompressor()
+        for fr in d[d["end_block"] > from_block] if from_block else d:
+            off, ln, n = int(fr["offset"]), int(fr["length"]), int(fr["entries"])
+            raw = self.read(off, ln)
+            where = self.segment_at(off)
+            if spec.b3(raw) != fr["digest"].tobytes():
+                raise IntegrityError(f"{where}: index checksum mismatch (frame at {off})")
+            try:
+                data = dctx.decompress(raw, max_output_size=n * spec.INDEX_ENTRY.itemsize)
+            except zstandard.ZstdError as e:
+                raise IntegrityError(f"{where}: index does not decompress: {e}") from e
+            if len(data) != n * spec.INDEX_ENTRY.itemsize:
+                raise IntegrityError(f"{where}: index frame holds {len(data)} bytes, the directory says {n} "
+                                     f"entries")  # fmt: skip
+            yield np.frombuffer(data, spec.INDEX_ENTRY)
+
+    def _iter_index_v10(self) -> Iterator[np.ndarray]:
+        """1.0 points have no frame directory: prove the index digest first, then decode every frame in
+        one streaming pass."""
+        self.check_index()
+        ft = self.footer
+        if not ft.index_length:
+            if ft.index_count:
+                raise IntegrityError(f"{self.files.name}: empty index, but the footer says {ft.index_count} entries")
+            return
+        region = _RegionReader(self, ft.index_offset, ft.index_length)
+        stream = zstandard.ZstdDecompressor().stream_reader(region, read_across_frames=True)  # type: ignore[arg-type]
+        piece = spec.INDEX_ENTRY.itemsize * 16384
+        total = 0
         try:
-            data = _decompress_frames(raw)
+            while True:
+                data = stream.read(piece)
+                while data and len(data) % spec.INDEX_ENTRY.itemsize:
+                    more = stream.read(spec.INDEX_ENTRY.itemsize - len(data) % spec.INDEX_ENTRY.itemsize)
+                    if not more:
+                        break
+                    data += more
+                if not data:
+                    break
+                total += len(data)
+                if total > ft.index_count * spec.INDEX_ENTRY.itemsize or len(data) % spec.INDEX_ENTRY.itemsize:
+                    break
+                yield np.frombuffer(data, spec.INDEX_ENTRY)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"{self.files.name}: index does not decompress: {e}") from e
-        if len(data) != ft.index_count * spec.INDEX_ENTRY.itemsize:
-            raise IntegrityError(f"{self.files.name}: index holds {len(data)} bytes, footer says "
+        if total != ft.index_count * spec.INDEX_ENTRY.itemsize:
+            raise IntegrityError(f"{self.files.name}: index holds {total} bytes or more, the footer says "
                                  f"{ft.index_count} entries")  # fmt: skip
-        return np.frombuffer(data, dtype=spec.INDEX_ENTRY)
+
+    def check_index(self) -> None:
+        """Prove the stored index bytes (and the frame directory) against the footer without decoding."""
+        ft = self.footer
+        h = blake3.blake3()
+        pos, end = ft.index_offset, ft.index_offset + ft.index_length
+        while pos < end:
+            n = min(8 << 20, end - pos)
+            h.update(self.read(pos, n))
+            pos += n
+        if h.digest() != ft.index_digest:
+            raise IntegrityError(f"{self.segment_at(ft.index_offset)}: index checksum mismatch")
+        self.directory()
 
     def summary(self) -> dict[str, object]:
         if self.files._summary is None:

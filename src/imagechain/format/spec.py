@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import IntegrityError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1  # 1.1: frame directory after the index (section 5.1)
 
 # --- segment header: the first bytes of every file of a point -----------------------------------
 SEGMENT_MAGIC = b"ICHSEG01"
@@ -74,6 +74,20 @@ INDEX_ENTRY = np.dtype(
 )
 assert INDEX_ENTRY.itemsize == 64
 
+# --- frame directory (1.1): where each index frame lies and which blocks it covers -------------------
+FRAME_ENTRY = np.dtype(
+    [
+        ("first_block", "<u8"),
+        ("end_block", "<u8"),
+        ("offset", "<u8"),
+        ("length", "<u4"),
+        ("entries", "<u4"),
+        ("digest", "u1", (32,)),
+    ]
+)
+assert FRAME_ENTRY.itemsize == 64
+DIRECTORY_DIGEST_SIZE = 24
+
 # --- footer: the last bytes of the last segment ---------------------------------------------------
 FOOTER_MAGIC = b"ICHEND01"
 FOOTER = struct.Struct(
@@ -83,7 +97,7 @@ FOOTER = struct.Struct(
     "I"  # segment count
     "32s32s"  # state digest, header digest
     "Q"  # logical length (everything, footer included)
-    "24s"  # reserved
+    "24s"  # frame directory digest (BLAKE3/24; 1.1), zero in 1.0
 )
 FOOTER_SIZE = FOOTER.size + 32 + 8  # + checksum + trailing magic
 assert FOOTER_SIZE == 256
@@ -208,12 +222,22 @@ class Footer:
     state_digest: bytes
     header_digest: bytes
     logical_length: int
+    directory_digest: bytes = bytes(DIRECTORY_DIGEST_SIZE)
+
+    @property
+    def directory_offset(self) -> int:
+        """The frame directory lies between the index and the summary (1.1)."""
+        return self.index_offset + self.index_length
+
+    @property
+    def directory_length(self) -> int:
+        return self.summary_offset - self.directory_offset
 
     def pack(self) -> bytes:
         body = FOOTER.pack(
             self.point_id.bytes, self.index_offset, self.index_length, self.index_count, self.index_digest,
             self.summary_offset, self.summary_length, self.summary_digest, self.segment_count,
-            self.state_digest, self.header_digest, self.logical_length, bytes(24),
+            self.state_digest, self.header_digest, self.logical_length, self.directory_digest,
         )  # fmt: skip
         return body + b3(body) + FOOTER_MAGIC
 
@@ -224,5 +248,7 @@ class Footer:
         body, check = raw[: FOOTER.size], raw[FOOTER.size : FOOTER.size + 32]
         if b3(body) != check:
             raise IntegrityError(f"{name}: footer checksum mismatch")
-        (pid, ioff, ilen, icount, idig, soff, slen, sdig, segs, state, hdig, llen, _r) = FOOTER.unpack(body)
-        return cls(uuid.UUID(bytes=pid), ioff, ilen, icount, idig, soff, slen, sdig, segs, state, hdig, llen)
+        (pid, ioff, ilen, icount, idig, soff, slen, sdig, segs, state, hdig, llen, ddig) = FOOTER.unpack(body)
+        if soff < ioff + ilen or soff + slen > llen:
+            raise IntegrityError(f"{name}: footer offsets are inconsistent")
+        return cls(uuid.UUID(bytes=pid), ioff, ilen, icount, idig, soff, slen, sdig, segs, state, hdig, llen, ddig)

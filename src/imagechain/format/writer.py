@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 
 import blake3
 import numpy as np
@@ -17,8 +18,9 @@ from ..stores import AtomicWriter, Store
 from . import spec
 
 EXTENSION = ".icimg"
-INDEX_FRAME_ENTRIES = 65536
+INDEX_FRAME_ENTRIES = 16384  # 1 MiB decoded: the unit of random access into an index
 WRITE_BUFFER = 4 << 20
+INDEX_SPILL = 16 << 20  # index frames beyond this wait in a temporary file, not in memory
 
 
 def segment_name(base: str, number: int) -> str:
@@ -44,10 +46,12 @@ class ImageWriter:
         self.segments: list[AtomicWriter] = []
         self.logical = 0
         self._buf = bytearray()
-        self._index_frames: list[bytes] = []
+        self._frames = tempfile.SpooledTemporaryFile(max_size=INDEX_SPILL)  # noqa: SIM115 (closed in finish/abort)
+        self._directory: list[tuple[int, int, int, int, bytes]] = []  # first, end, length, entries, digest
         self._index_pending: list[np.ndarray] = []
         self._index_pending_n = 0
         self.index_count = 0
+        self.size_limits: list[tuple[str, int]] = []  # segments cut short by the filesystem (EFBIG)
         self._zc = zstandard.ZstdCompressor(level=3)
         self._open_segment()
         self.header_bytes = header.pack()
@@ -79,6 +83,7 @@ class ImageWriter:
                 self.split_size = self.segments[-1].tell()
                 if n == 0 and self.segments[-1].tell() <= spec.SEGMENT_HEADER_SIZE:
                     raise NoSpaceError(f"{self.segments[-1].name}: the filesystem refuses to grow the file")
+                self.size_limits.append((self.segments[-1].name, self.split_size))
             view = view[n:]
             self.logical += n
 
@@ -97,29 +102,48 @@ class ImageWriter:
         return off
 
     def add_entries(self, entries: np.ndarray) -> None:
-        if not len(entries):
-            return
-        self._index_pending.append(entries)
-        self._index_pending_n += len(entries)
-        self.index_count += len(entries)
-        if self._index_pending_n >= INDEX_FRAME_ENTRIES:
-            self._flush_index_frame()
+        """Index entries in ascending block order; frames of INDEX_FRAME_ENTRIES are cut as they fill."""
+        while len(entries):
+            take = INDEX_FRAME_ENTRIES - self._index_pending_n
+            self._index_pending.append(entries[:take])
+            self._index_pending_n += len(entries[:take])
+            self.index_count += len(entries[:take])
+            entries = entries[take:]
+            if self._index_pending_n >= INDEX_FRAME_ENTRIES:
+                self._flush_index_frame()
 
     def _flush_index_frame(self) -> None:
         if self._index_pending:
-            raw = np.concatenate(self._index_pending).tobytes()
-            self._index_frames.append(self._zc.compress(raw))
+            ent = np.concatenate(self._index_pending)
+            frame = self._zc.compress(ent.tobytes())
+            self._frames.write(frame)
+            first = int(ent["block"][0])
+            end = int(ent["block"][-1]) + int(ent["count"][-1])
+            self._directory.append((first, end, len(frame), len(ent), spec.b3(frame)))
             self._index_pending, self._index_pending_n = [], 0
 
-    def finish(self, state_digest: bytes, summary: dict[str, object]) -> list[str]:
-        """Write index, summary and footer; publish every segment. Returns the segment names."""
+    def _write_index(self) -> tuple[int, int, bytes, bytes]:
+        """Copy the spilled frames into the stream, then the frame directory. (offset, length, index
+        digest, directory bytes)"""
         self._flush_index_frame()
         index_offset = self.append(b"")
         index_digest = blake3.blake3()
-        for frame in self._index_frames:
-            self.append(frame)
+        directory = np.zeros(len(self._directory), spec.FRAME_ENTRY)
+        self._frames.seek(0)
+        for i, (first, end, length, count, digest) in enumerate(self._directory):
+            frame = self._frames.read(length)
+            directory[i] = (first, end, self.append(frame), length, count, np.frombuffer(digest, np.uint8))
             index_digest.update(frame)
+        self._frames.close()
         index_length = self.append(b"") - index_offset
+        raw_dir = directory.tobytes() if self.header.minor >= 1 else b""  # 1.0 files have none
+        self.append(raw_dir)
+        return index_offset, index_length, index_digest.digest(), raw_dir
+
+    def finish(self, state_digest: bytes, summary: dict[str, object]) -> list[str]:
+        """Write index, frame directory, summary and footer; publish every segment. Returns the segment
+        names."""
+        index_offset, index_length, index_digest, raw_dir = self._write_index()
         summary_bytes = json.dumps(summary, sort_keys=True).encode()
         summary_offset = self.append(summary_bytes)
         self._drain()
@@ -127,15 +151,17 @@ class ImageWriter:
             if self._room() < spec.FOOTER_SIZE:
                 self._open_segment()
             footer = spec.Footer(
-                self.header.point_id, index_offset, index_length, self.index_count, index_digest.digest(),
+                self.header.point_id, index_offset, index_length, self.index_count, index_digest,
                 summary_offset, len(summary_bytes), spec.b3(summary_bytes), len(self.segments),
                 state_digest, spec.b3(self.header_bytes), self.logical + spec.FOOTER_SIZE,
+                spec.b3(raw_dir)[: spec.DIRECTORY_DIGEST_SIZE] if self.header.minor >= 1 else bytes(24),
             ).pack()  # fmt: skip
             nsegs = len(self.segments)
             self._emit(footer)
             if len(self.segments) == nsegs:
                 break
-            # a size limit cut the footer: the cut part is unreferenced filler; write it whole again
+            # EFBIG cut the footer: its bytes stay in the stream (the head at the end of the full segment,
+            # the rest at the start of the new one) and are never read; the footer is written again, whole
         for seg in self.segments:
             seg.flush()
         # publish: every segment but the footer's first, then the footer's; a crash in between leaves
@@ -146,6 +172,7 @@ class ImageWriter:
         return [s.name for s in self.segments]
 
     def abort(self) -> None:
+        self._frames.close()
         for seg in self.segments:
             seg.abort()
 

@@ -5,11 +5,19 @@ visible under its final name; a crash before that leaves at most a temporary tha
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-TEMP_MARK = ".tmp-"  # temporaries are named <final>.tmp-<random>; never taken for a point
+TEMP_MARK = ".tmp-"  # temporaries are named <final name>.tmp-<8 lowercase hex digits>
+_TEMPORARY = re.compile(r"^(.+)\.tmp-[0-9a-f]{8}$")
+
+
+def temporary_of(name: str) -> str | None:
+    """The final name a temporary will be published under; None when name is no temporary."""
+    m = _TEMPORARY.match(name)
+    return m.group(1) if m else None
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,10 @@ class Store(ABC):
 
     @abstractmethod
     def delete(self, name: str) -> None: ...
+
+    @abstractmethod
+    def rename(self, name: str, new_name: str) -> None:
+        """Atomically give a file its final name, durably (publishing a recovered temporary)."""
 
     @abstractmethod
     def create_exclusive(self, name: str, data: bytes) -> bool:

@@ -436,3 +436,62 @@ def test_delta_restore_writes_only_differing_blocks(size: int, seed: int, bs: in
             assert (again.written_blocks, again.written_bytes) == (0, 0)
             assert target.read_bytes() == history[k]
         assert os.path.exists(vol) and vol.read_bytes() == history[-1]  # the source was never touched
+
+
+# -- (e) trees, across every boundary: chunks, index frames, map windows -------------------------------
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(
+    size=sizes,
+    seed=seeds,
+    bs=st.sampled_from(BLOCK_SIZES),
+    steps=st.lists(st.tuples(st.integers(0, 1000), ops), min_size=1, max_size=6),
+    chunk_blocks=st.integers(1, 5),
+    frame_entries=st.integers(1, 7),
+    window=st.integers(1, 9),
+)
+def test_trees_restore_across_chunk_frame_and_window_boundaries(size: int, seed: int, bs: int, steps: list,
+                                                                chunk_blocks: int, frame_entries: int,
+                                                                window: int) -> None:  # fmt: skip
+    """Each step continues a random earlier point (a fork whenever it is not the newest), with the
+    pipeline's chunks, the index frames and the map windows all a few blocks long."""
+    from unittest import mock
+
+    from imagechain import chain as chain_mod
+    from imagechain.engine import backup as backup_mod
+    from imagechain.engine.verify import verify
+    from imagechain.format import writer
+    from imagechain.repository import Repository
+
+    with (scratch() as td, mock.patch.object(backup_mod, "CHUNK_BYTES", chunk_blocks * bs),
+          mock.patch.object(writer, "INDEX_FRAME_ENTRIES", frame_entries),
+          mock.patch.object(chain_mod, "WINDOW_BLOCKS", window)):  # fmt: skip
+        tmp = Path(td)
+        vol, repo = tmp / "vol.img", tmp / "repo"
+        history = [write_volume(vol, size, seed)]
+        r = backup(str(vol), str(repo), block_size=bs, cache_dir=None)
+        points = [r.point_id]
+        parents: list[int | None] = [None]
+        for pick, op in steps:
+            base = pick % len(history)
+            data = apply(history[base], op, history)
+            assume(unrecognisable(data))
+            vol.write_bytes(data)
+            r = backup(str(vol), str(repo), parent=points[base][:13], cache_dir=None if pick % 2 else str(tmp / "c"))
+            assert r.parent_id == points[base] and r.kind == "incremental"
+            history.append(data)
+            points.append(r.point_id)
+            parents.append(base)
+        assume(unrecognisable(history[0]))
+        cat = Repository.open(str(repo)).catalog()
+        (gen,) = cat.generations().values()
+        leaves = {i for i in range(len(points)) if i not in parents}
+        assert {str(t.point_id) for t in cat.tips(gen)} == {points[i] for i in leaves}
+        for i, want in enumerate(history):
+            assert restore_to(f"{repo}::{points[i][:13]}", tmp / f"out{i}.img", want, bs) == points[i]
+            if parents[i] is not None:  # @-1 walks this point's own lineage
+                assert str(open_point(f"{repo}::{points[i][:13]}@-1").point.point_id) == points[parents[i]]
+        rep = verify(Repository.open(str(repo)))
+        assert rep.ok, [p.problems for p in rep.points]
+        assert bool([n for n in rep.notices if "forks at" in n]) == (len(leaves) > 1)

@@ -212,7 +212,8 @@ def list_(repo: str, as_json: bool) -> None:
                       (p["parent_id"] or "")[:8], _flags(p, len(gen_tips)))  # fmt: skip
         out.print(t)
         if len(gen_tips) > 1:
-            out.print(f"  forked: {len(gen_tips)} branches, tips {', '.join(x[:8] for x in gen_tips)}; backup "
+            why = "forked" if any(len(p["children"]) > 1 for p in pts) else "split by a missing point"
+            out.print(f"  {why}: {len(gen_tips)} branches, tips {', '.join(x[:8] for x in gen_tips)}; backup "
                       f"continues one with --parent POINT", markup=False, soft_wrap=True)  # fmt: skip
     for p in (p for pts in rows for p in pts if "summary_problem" in p):
         err.print(f"notice: point {p['point_id'][:8]}: {p['summary_problem']} (statistics only)",

@@ -160,10 +160,10 @@ def backup(
         what = f"chain {chain!r} of {src.name} on {host.name}"
         lock = ChainLock(repo.store, repo.lock_name(host.host_id, src.source_id, chain), host, what, repo_path)
         with lock:
-            for n in lock.notices:
-                progress.notice(n)
             job = _Job(src, repo, host, chain, full, parent, block_size, codec, split_size, cache,
                        threads or default_threads(), progress, lock)  # fmt: skip
+            for n in lock.notices:
+                job.note(n)
             return job.run()
 
 
@@ -193,6 +193,7 @@ class _Job:
         src, repo, host = self.src, self.repo, self.host
         chain_dir = repo.chain_dir(host.name, host.host_id, src.name, src.source_id, self.chain)
         cat = repo.catalog()
+        self.lock.check()  # recovery publishes points too: only while the lock is ours
         if recover_leftovers(repo.store, cat, chain_dir, self.note):
             cat = repo.catalog()
         for files, why in [*cat.problems, *cat.damaged.values()]:
@@ -229,9 +230,11 @@ class _Job:
             return p
         tips = cat.tips(gen)
         if len(tips) > 1:
-            listed = "; ".join(f"{str(t.point_id)[:8]} (#{t.header.sequence}, {t.name})" for t in tips)
+            listed = "; ".join(f"{str(t.point_id)[:8]} (#{t.header.sequence}, {t.name}"
+                               f"{', its lineage is broken' if cat.ancestry(t)[0].header.parent_id else ''})"
+                               for t in tips)  # fmt: skip
             raise AmbiguousPointError(
-                f"chain {self.chain!r} has forked into {len(tips)} branches whose tips are {listed}; "
+                f"chain {self.chain!r} has {len(tips)} branches whose tips are {listed}; "
                 f"choose the one to continue with --parent POINT (or start anew with --full)"
             )
         return tips[0] if tips else None

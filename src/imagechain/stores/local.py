@@ -1,7 +1,8 @@
 """A repository in a local folder: a USB disk, a mounted share, any filesystem.
 
 Nothing but plain files: no links, permissions, xattrs or sparse files, and mtimes are never read.
-Publishing is write-to-temporary, fsync, rename, fsync of the folder."""
+Publishing is write-to-temporary, fsync, rename, fsync of the folder; new folders are fsynced into their
+parents. Folder fsync errors fail the write, except on filesystems that cannot fsync a folder at all."""
 
 from __future__ import annotations
 
@@ -14,18 +15,52 @@ from ..errors import NoSpaceError, RepositoryError
 from ..fsprobe import PROBE_BYTES, probe
 from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry
 
+# errors meaning "this filesystem (or its FUSE driver) cannot fsync a folder", not "the data is at risk"
+_NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR})
+_NO_DIR_OPEN = _NO_DIR_FSYNC | {errno.EPERM, errno.EACCES}
+
 
 def _fsync_dir(path: str) -> None:
+    """Make a folder's entries durable. Filesystems that cannot fsync a folder are let through; any
+    other failure (EIO above all: an entry may be lost) fails the operation."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # not supported on this OS/filesystem (Windows, some FUSE drivers)
+    except OSError as e:
+        if e.errno in _NO_DIR_OPEN:
+            return
+        _raise_io(e, f"folder {path} (opening it to fsync)")
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in _NO_DIR_FSYNC:
+            _raise_io(e, f"folder {path} (fsync)")
     finally:
         os.close(fd)
+
+
+def _make_dirs(path: str) -> None:
+    """os.makedirs, durably: each folder created, and the folder it was created in, is fsynced, so a
+    file published into it does not vanish with its folder in a crash."""
+    missing = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        up = os.path.dirname(p)
+        if up == p:
+            break
+        p = up
+    if not missing:
+        return
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            if not os.path.isdir(d):  # a file in the way (not to be taken for an existing lock)
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), d) from None
+            # made at this moment by another writer: fsynced below all the same
+    for d in missing:
+        _fsync_dir(d)
+    _fsync_dir(os.path.dirname(missing[-1]))
 
 
 def _raise_io(e: OSError, what: str) -> None:
@@ -43,7 +78,7 @@ class _LocalWriter(AtomicWriter):
         self._final = store.path(name)
         self._tmp = f"{self._final}{TEMP_MARK}{secrets.token_hex(4)}"
         try:
-            os.makedirs(os.path.dirname(self._final), exist_ok=True)
+            _make_dirs(os.path.dirname(self._final))
             self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
         except OSError as e:
             _raise_io(e, name)
@@ -151,23 +186,47 @@ class LocalStore(Store):
         except FileNotFoundError:
             pass
 
+    def rename(self, name: str, new_name: str) -> None:
+        src, dst = self.path(name), self.path(new_name)
+        try:
+            fd = os.open(src, os.O_RDONLY | _BINARY)
+            try:
+                os.fsync(fd)  # its content first: it may have been written by a process that died
+            finally:
+                os.close(fd)
+            _make_dirs(os.path.dirname(dst))
+            os.replace(src, dst)
+        except OSError as e:
+            _raise_io(e, new_name)
+        _fsync_dir(os.path.dirname(dst))
+        if os.path.dirname(src) != os.path.dirname(dst):
+            _fsync_dir(os.path.dirname(src))
+
     def exists(self, name: str) -> bool:
         return os.path.exists(self.path(name))
 
     def create_exclusive(self, name: str, data: bytes) -> bool:
         p = self.path(name)
         try:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
+            _make_dirs(os.path.dirname(p))
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
         except FileExistsError:
             return False
         except OSError as e:
             _raise_io(e, name)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
-        finally:
+        except OSError as e:
             os.close(fd)
+            try:
+                os.unlink(p)  # no half-written lock left behind
+            except OSError:
+                pass
+            _raise_io(e, name)
+        os.close(fd)
         _fsync_dir(os.path.dirname(p))
         return True
 

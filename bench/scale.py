@@ -140,7 +140,7 @@ def main() -> None:
         r = run(exe, parse_size(size), parse_size(args.data), args.workdir, args.seed)
         results.append(r)
         print(f"{size}: " + json.dumps(r), file=sys.stderr)
-    print(f"| apparent | data | step | wall | peak RSS |\n|---|---|---|---:|---:|")
+    print("| apparent | data | step | wall | peak RSS |\n|---|---|---|---:|---:|")
     for r in results:
         for k in ("full", "incremental", "verify", "restore"):
             s = r[k]

@@ -18,7 +18,7 @@ from .format.reader import PointFiles, PointReader, SegmentFile, assemble, scan_
 from .state import StateHasher
 from .stores import Store, temporary_of
 
-WINDOW_BLOCKS = 1 << 18  # 256 Ki blocks (16 GiB of volume at 64 KiB): ~9 MiB of map, ~13 MiB with locations
+WINDOW_BLOCKS = 1 << 16  # 64 Ki blocks (4 GiB of volume at 64 KiB): ~2 MiB of map, ~3 MiB with locations
 FOLLOWS = "follows_chain"  # metadata of a --full point: the chain id of the generation it replaces
 
 
@@ -179,11 +179,12 @@ def scan(store: Store, prefix: str = "") -> Catalog:
 
 # -- block maps, a window at a time ------------------------------------------------------------------
 class _Cursor:
-    """One point's index entries in block order, handed out window by window (runs split at the edge)."""
+    """One point's index entries in block order, handed out window by window (runs split at the edge).
+    Holds the frames that reach into the current window and at most one frame beyond it."""
 
     def __init__(self, reader: PointReader, point: PointFiles) -> None:
         self._it = reader.iter_index()
-        self._buf = np.zeros(0, spec.INDEX_ENTRY)
+        self._frames: list[np.ndarray] = []
         self._end = 0  # end of the last entry seen: entries must ascend without overlap
         self.point = point
 
@@ -191,23 +192,22 @@ class _Cursor:
         nxt = next(self._it, None)
         if nxt is None:
             return False
-        start = nxt["block"].astype(np.int64)
-        ends = start + nxt["count"]
-        if len(nxt) and (start[0] < self._end or (start[1:] < ends[:-1]).any() or (nxt["count"] == 0).any()):
-            raise IntegrityError(f"{describe(self.point)}: index entries are out of order or overlap")
         if len(nxt):
+            start = nxt["block"].astype(np.int64)
+            ends = start + nxt["count"]
+            if start[0] < self._end or (start[1:] < ends[:-1]).any() or (nxt["count"] == 0).any():
+                raise IntegrityError(f"{describe(self.point)}: index entries are out of order or overlap")
             self._end = int(ends[-1])
-        self._buf = nxt if not len(self._buf) else np.concatenate([self._buf, nxt])
+            self._frames.append(nxt)
         return True
 
     def take(self, s: int, e: int) -> np.ndarray:
         """Entries covering blocks in [s, e), clipped to it; windows must be asked for in order."""
-        while not len(self._buf) or int(self._buf["block"][-1]) + int(self._buf["count"][-1]) < e:
-            if not self._more():
-                break
-        b = self._buf
-        if not len(b):
-            return b
+        while self._end < e and self._more():
+            pass
+        if not self._frames:
+            return np.zeros(0, spec.INDEX_ENTRY)
+        b = self._frames[0] if len(self._frames) == 1 else np.concatenate(self._frames)
         start = b["block"].astype(np.int64)
         k = int(np.searchsorted(start, e))
         part = b[:k].copy()
@@ -219,7 +219,7 @@ class _Cursor:
                 tail["block"], tail["count"] = e, last_end - e
                 part[-1]["count"] = e - int(start[k - 1])
                 rest = np.concatenate([tail, rest])
-        self._buf = rest
+        self._frames = [rest] if len(rest) else []
         if len(part) and int(part["block"][0]) < s:
             ends = part["block"].astype(np.int64) + part["count"]
             part = part[ends > s]

@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -20,7 +20,7 @@ from ..address import select
 from ..blockmap import block_count
 from ..chain import FOLLOWS, Catalog, MapStream, describe
 from ..codec import CodecParams, encode
-from ..errors import AmbiguousPointError, ChainBrokenError, UsageError
+from ..errors import AmbiguousPointError, ChainBrokenError, ImagechainError, UsageError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader, SegmentFile, assemble, scan_file
 from ..format.writer import ImageWriter
@@ -336,16 +336,15 @@ def prove_stored(store: Store, lin: list[PointFiles]) -> None:
         with PointReader(store, p) as r:
             try:
                 r.check_index()
-            except Exception as e:
+            except ImagechainError as e:
                 raise type(e)(f"{e}; the chain cannot be continued from {describe(lin[-1])}: "
                               f"use --full to start a new chain") from e
 
 
-def recover_leftovers(store: Store, cat: Catalog, folder: str, note: object) -> bool:
+def recover_leftovers(store: Store, cat: Catalog, folder: str, note: Callable[[str], None]) -> bool:
     """Temporaries a dead writer left in a chain folder (the caller holds the chain's lock): a set that
     makes a whole point (its footer checks out) is published, since only the renames were missing;
     what is provably incomplete (no footer anywhere) is removed; anything else is reported and kept."""
-    assert callable(note)
     temps = [n for n in cat.leftovers if n.startswith(folder + "/")]
     if not temps:
         return False

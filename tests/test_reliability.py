@@ -251,7 +251,8 @@ def test_sigkill_at_any_moment_of_a_backup_publishes_nothing_and_harms_nothing(t
     vol.unlink()
 
 
-def test_ctrl_c_publishes_nothing_and_cleans_up(tmp_path: Path, repo: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_stop_signals_publish_nothing_and_clean_up(tmp_path: Path, repo: Path, sig: signal.Signals) -> None:
     vol = tmp_path / "vol.img"
     data = os.urandom(96 << 20)
     vol.write_bytes(data)
@@ -264,26 +265,97 @@ def test_ctrl_c_publishes_nothing_and_cleans_up(tmp_path: Path, repo: Path) -> N
     while proc.poll() is None and new_bytes(repo, before) < 16 << 20:
         assert time.monotonic() - t0 < 60
         time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert err.strip() == "imagechain: interrupted; nothing was published"
-    assert files_in(repo) == before, "an interrupted backup left files behind"
-    # an interrupted restore removes the target it created
+    assert proc.returncode == 128 + sig, err
+    assert err.strip() == f"imagechain: interrupted ({sig.name}); nothing was published"
+    assert files_in(repo) == before, "an interrupted backup left files behind (a temporary or its lock)"
+    assert not locks(repo)
+    # an interrupted restore to a new file leaves neither the file nor its temporary
     target = tmp_path / "out.img"
     proc = subprocess.Popen([exe(), "restore", f"{repo}::default", str(target)], env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    while proc.poll() is None and not target.exists():
+    while proc.poll() is None and not list(tmp_path.glob("out.img.tmp-*")):
         assert time.monotonic() - t0 < 60
         time.sleep(0.001)
-    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(sig)
     _out, err = proc.communicate(timeout=60)
     if proc.returncode == 0:  # it won the race: then what it wrote must be exact
         assert b3(target.read_bytes()) == b3(data)
+        target.unlink()
     else:
-        assert proc.returncode == 130 and "Traceback" not in err, err
+        assert proc.returncode == 128 + sig and "Traceback" not in err, err
+        assert err.strip() == f"imagechain: interrupted ({sig.name}); nothing was written to {target}", err
         assert not target.exists(), "an interrupted restore left a half-written target"
+    assert not list(tmp_path.glob("out.img.tmp-*"))
+    # over an existing file (--force), an interrupted restore says the target is now partial
+    target.write_bytes(b"x" * 4096)
+    proc = subprocess.Popen([exe(), "restore", f"{repo}::default", str(target), "--force"], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    while proc.poll() is None and target.stat().st_size < 32 << 20:
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:
+        assert proc.returncode == 128 + sig and "Traceback" not in err, err
+        line = err.strip()
+        assert line.startswith(f"imagechain: interrupted ({sig.name}); {target} ") and "partial" in line, line
     assert verify(Repository.open(str(repo))).ok and first.point_id[:8] in ic_ok("list", repo).stdout
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3])
+def test_a_stop_in_the_first_instant_is_one_line(tmp_path: Path, repo: Path, delay: float) -> None:
+    vol = tmp_path / "vol.img"
+    write_volume(vol, 4 << 20, seed=1)
+    proc = subprocess.Popen([exe(), "backup", str(vol), str(repo)], env=dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    if proc.returncode == -signal.SIGINT:  # before the interpreter ran any code: like any program, nothing done
+        assert err == "" and not repo.exists(), err
+    elif proc.returncode != 0:
+        assert proc.returncode == 130, (proc.returncode, err)
+        (line,) = err.strip().splitlines()
+        assert line.startswith("imagechain: interrupted (SIGINT)"), line
+    assert not locks(repo) and not temporaries(repo) if repo.exists() else True
+
+
+def test_a_stop_during_publishing_waits_for_the_last_rename(tmp_path: Path, repo: Path) -> None:
+    """A signal while a split point's segments are renamed takes effect after the last one: the point is
+    whole, and the message says it was published."""
+    from imagechain import interrupts
+    from imagechain.stores import local
+
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(os.urandom(5 << 20))
+    orig = local._LocalWriter.commit
+    calls = []
+
+    def commit(self: local._LocalWriter) -> None:
+        calls.append(self.name)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered at once: in the middle of the renames
+        orig(self)
+
+    saved = {s: signal.getsignal(s) for s in interrupts.STOP_SIGNALS}
+    interrupts.install()
+    try:
+        local._LocalWriter.commit = commit  # type: ignore[method-assign]
+        with pytest.raises(interrupts.Stopped) as e:
+            backup(str(vol), str(repo), split_size=1 << 20)
+    finally:
+        local._LocalWriter.commit = orig  # type: ignore[method-assign]
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert e.value.signum == signal.SIGTERM and "published" in e.value.what, e.value.what
+    assert len(calls) >= 5
+    cat = Repository.open(str(repo)).catalog()
+    assert len(cat.points) == 1 and not cat.problems and not cat.leftovers and not locks(repo)
+    assert restore_to(f"{repo}::default", tmp_path / "out.img") == b3(vol.read_bytes())
 
 
 # == 2. damage to image files ========================================================================

@@ -687,7 +687,8 @@ def test_read_error_of_the_repository_is_a_repository_error(
 
     def pread(self: Any, offset: int, length: int) -> bytes:
         if offset < limit:
-            target_during_failure.append(target.exists())
+            # a new target is written under a temporary name beside it until it is complete
+            target_during_failure.append(bool(list(tmp_path.glob("out.img.tmp-*"))) and not target.exists())
             raise OSError(errno.EIO, "Input/output error")
         return bytes(orig(self, offset, length))
 
@@ -699,7 +700,7 @@ def test_read_error_of_the_repository_is_a_repository_error(
     # "payloads": the read failed while the new target was being written, and the target went with it
     assert target_during_failure and target_during_failure[0] == (where == "payloads"), target_during_failure
     assert "Input/output error" in str(exc.value) and p.name.rpartition("/")[2] in str(exc.value), exc.value
-    assert not target.exists()
+    assert not target.exists() and not list(tmp_path.glob("out.img.tmp-*"))
 
     run = subprocess.run([sys.executable, "-c", _EIO_RESTORE, str(limit), "restore", f"{repo}::{r.point_id[:8]}",
                           str(target)], capture_output=True, text=True, env=dict(os.environ), timeout=120)  # fmt: skip

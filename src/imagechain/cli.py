@@ -17,7 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingCo
 from rich.progress import Progress as RichBar
 from rich.table import Table
 
-from . import __version__
+from . import __version__, interrupts
 from .address import open_point
 from .chain import Catalog
 from .codec import CodecParams
@@ -25,7 +25,7 @@ from .engine.backup import backup as run_backup
 from .engine.backup import check_block_size, check_split_size
 from .engine.restore import restore as run_restore
 from .engine.verify import verify as run_verify
-from .errors import ImagechainError, IntegrityError, Interrupted, UsageError
+from .errors import ImagechainError, IntegrityError, UsageError
 from .format import spec
 from .format.reader import PointFiles, PointReader
 from .identity import local_host
@@ -67,26 +67,32 @@ class BarProgress:
         err.print(f"notice: {message}", markup=False, soft_wrap=True)
 
 
+def _fail(message: str, code: int, kind: str, as_json: bool) -> None:
+    """One line on stderr; with --json also a JSON object on stdout, for scripts that read only that."""
+    err.print(f"imagechain: {message}", markup=False, soft_wrap=True)
+    if as_json:
+        click.echo(json.dumps({"error": {"message": message, "exit_code": code, "kind": kind}}, indent=1))
+    sys.exit(code)
+
+
 def handle_errors(fn: F) -> F:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except ImagechainError as e:
             if debug:
                 traceback.print_exc()
-            err.print(f"imagechain: error: {e}", markup=False, soft_wrap=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            err.print("imagechain: interrupted; nothing was published", markup=False, soft_wrap=True)
-            sys.exit(Interrupted.exit_code)
+            _fail(f"error: {e}", e.exit_code, type(e).__name__, as_json)
+        except KeyboardInterrupt as e:  # SIGINT, SIGTERM, SIGHUP (interrupts.py)
+            stop = interrupts.as_stopped(e)
+            _fail(f"interrupted ({stop.name}); {stop.what}", stop.exit_code, "Interrupted", as_json)
         except OSError as e:
             if debug:
                 traceback.print_exc()
-            msg = f"imagechain: error: {e.strerror or e}: {e.filename or ''}".rstrip(": ")
-            err.print(msg, markup=False, soft_wrap=True)
-            sys.exit(1)
+            _fail(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), 1, "OSError", as_json)
 
     return wrapper  # type: ignore[return-value]
 

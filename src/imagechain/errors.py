@@ -67,8 +67,5 @@ class NoSpaceError(ImagechainError):
     exit_code = 10
 
 
-class Interrupted(ImagechainError):
-    """The user interrupted the operation; nothing was published."""
-
-    exit_code = 130
-
+# Stop signals are not errors: interrupts.Stopped exits with 128 + the signal number (130 SIGINT,
+# 143 SIGTERM, 129 SIGHUP) after saying what the stop left behind.

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 
 import blake3
 
+from . import interrupts
 from .errors import LockedError, RepositoryError, UsageError
 from .identity import HostIdentity
 from .mapcache import default_cache_dir
@@ -321,8 +322,11 @@ class ChainLock:
         }  # fmt: skip
         for _ in range(MAX_ROUNDS):
             payload = self._payload()
-            if self.store.create_exclusive(self.name, payload):
-                self._mine, self._lost = (payload,), ""
+            with interrupts.deferred():  # a stop signal never falls between creating the lock and owning it
+                created = self.store.create_exclusive(self.name, payload)
+                if created:
+                    self._mine, self._lost = (payload,), ""
+            if created:
                 self._start_refresh()
                 self._clear_break_marks()
                 return
@@ -457,7 +461,11 @@ class ChainLock:
                 self._mine = ()
 
     def __enter__(self) -> ChainLock:
-        self.acquire()
+        try:
+            self.acquire()
+        except BaseException:
+            self.release()  # a stop signal right after the lock was created: it is ours, so it goes
+            raise
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
+import secrets
 import stat
 import time
 from collections.abc import Iterator
@@ -15,14 +17,16 @@ from dataclasses import asdict, dataclass
 import blake3
 import numpy as np
 
+from .. import interrupts
 from ..blockmap import BlockMap
 from ..chain import Catalog, MapStream
 from ..codec import decode
-from ..errors import IntegrityError, NoSpaceError, TargetError
+from ..errors import ImagechainError, IntegrityError, NoSpaceError, TargetError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader
 from ..repository import Repository
 from ..sources import device_size
+from ..stores import TEMP_MARK
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
 
@@ -121,8 +125,8 @@ def restore(
         ms.prove()  # the whole map against the point's state digest, before a byte is written
     h = point.header
     bs, size = h.block_size, h.volume_size
-    fd, is_dev, fresh = _open_target(target, size, delta, force)
-    job = _Restore(fd, bs, size, fresh, delta, PayloadSource(repo, points))
+    tgt = Target.open(target, size, delta, force, repo)
+    job = _Restore(tgt.fd, bs, size, tgt.fresh, delta, PayloadSource(repo, points))
     maps = MapStream(repo.store, points, locations=True)
     feed = prefetch(job.pieces(maps.windows()), 3)
     results = ordered_map(job.work, feed, threads, threads * 2)
@@ -132,33 +136,22 @@ def restore(
         for e_bytes, writes, nchecked in results:
             checked += nchecked
             for off, buf in _coalesce(writes, bs):
-                _pwrite_full(fd, buf, off)
+                _pwrite_full(tgt.fd, buf, off)
                 written += len(buf)
             written_blocks += len(writes)
             progress.advance(e_bytes)
-        if not is_dev:
-            os.ftruncate(fd, size)
-        os.fsync(fd)
+        tgt.finish()
     except BaseException as exc:
         results.close()  # stop the pipeline before the target goes
         feed.close()
-        os.close(fd)
-        fd = -1
-        if fresh:  # never leave a half-restored new file that looks like a volume
-            os.unlink(target)
-        if isinstance(exc, OSError):
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpaceError(f"restore target {target} is full: {exc.strerror}") from exc
-            raise TargetError(f"cannot write restore target {target}: {exc.strerror}") from exc
-        raise
+        raise tgt.failed(exc, written) from exc
     finally:
         results.close()
         feed.close()
         progress.stop()
         job.payloads.close()
         maps.close()
-        if fd >= 0:
-            os.close(fd)
+        tgt.close()
     return RestoreResult(str(point.point_id), target, size, written, written_blocks, checked, delta,
                          time.monotonic() - t0, point.footer.state_digest.hex())  # fmt: skip
 
@@ -214,43 +207,146 @@ class _Restore:
         return sorted(zeros + list(raws.items())), len(differ)
 
 
-def _open_target(target: str, size: int, delta: bool, force: bool) -> tuple[int, bool, bool]:
-    """(fd, is a device, is a new file)."""
-    try:
-        st = os.stat(target)
-    except FileNotFoundError:
+@dataclass
+class Target:
+    """Where a restore writes. A new file is written under a temporary name beside it and appears under
+    its own name only once every block is written, proven and flushed; an existing file or device is
+    written in place, and an interruption says that it is now partial."""
+
+    path: str
+    fd: int
+    is_dev: bool
+    fresh: bool
+    size: int
+    tmp: str = ""
+
+    @classmethod
+    def open(cls, path: str, size: int, delta: bool, force: bool, repo: Repository) -> Target:
         try:
-            fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            st = os.stat(path)
+        except FileNotFoundError:
+            folder = os.path.dirname(os.path.abspath(path))
+            tmp = os.path.join(folder, f"{os.path.basename(path)}{TEMP_MARK}{secrets.token_hex(4)}")
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as e:
+                raise TargetError(f"cannot create restore target {path}: {e.strerror}") from e
+            t = cls(path, fd, False, True, size, tmp)
+            try:
+                os.ftruncate(fd, size)
+            except BaseException as e:
+                t.close()
+                t.discard()
+                if isinstance(e, OSError):
+                    raise TargetError(f"cannot size restore target {path}: {e.strerror}") from e
+                raise
+            return t
         except OSError as e:
-            raise TargetError(f"cannot create restore target {target}: {e.strerror}") from e
+            raise TargetError(f"cannot use restore target {path}: {e.strerror}") from e
+        if stat.S_ISDIR(st.st_mode):
+            raise TargetError(f"restore target is a folder: {path}")
+        is_dev = stat.S_ISBLK(st.st_mode)
+        if not is_dev and not stat.S_ISREG(st.st_mode):
+            raise TargetError(f"restore target is neither a file nor a block device: {path}")
+        _refuse_repository_file(path, st, repo)
+        if not (force or delta) and (is_dev or st.st_size > 0):
+            raise TargetError(f"restore target {path} exists; add --force to overwrite it or --delta to update it")
         try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise TargetError(f"cannot open restore target {path}: {e.strerror}") from e
+        if is_dev:
+            have = device_size(fd)
+            if have < size:
+                os.close(fd)
+                raise TargetError(f"restore target {path} holds {have} bytes; the volume needs {size}")
+        elif delta and st.st_size < size:
             os.ftruncate(fd, size)
-        except BaseException as e:
-            os.close(fd)
-            os.unlink(target)
-            if isinstance(e, OSError):
-                raise TargetError(f"cannot size restore target {target}: {e.strerror}") from e
-            raise
-        return fd, False, True
-    if stat.S_ISDIR(st.st_mode):
-        raise TargetError(f"restore target is a folder: {target}")
-    is_dev = stat.S_ISBLK(st.st_mode)
-    if not is_dev and not stat.S_ISREG(st.st_mode):
-        raise TargetError(f"restore target is neither a file nor a block device: {target}")
-    if not (force or delta) and (is_dev or st.st_size > 0):
-        raise TargetError(f"restore target {target} exists; add --force to overwrite it or --delta to update it")
+        return cls(path, fd, is_dev, False, size)
+
+    def finish(self) -> None:
+        """Flush; a new file is then published under its name (never over a file that appeared since)."""
+        if not self.is_dev:
+            os.ftruncate(self.fd, self.size)
+        os.fsync(self.fd)
+        if self.fresh:
+            with interrupts.deferred():
+                try:
+                    os.link(self.tmp, self.path)  # fails if the name was taken meanwhile
+                    os.unlink(self.tmp)
+                except FileExistsError as e:
+                    raise TargetError(f"restore target {self.path} appeared while restoring; the restored "
+                                      f"volume is left as {self.tmp}") from e
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    os.rename(self.tmp, self.path)  # filesystems without hard links (FAT, exFAT)
+                self.tmp = ""
+            _fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        if self.tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.tmp = ""
+
+    def failed(self, exc: BaseException, written: int) -> BaseException:
+        """The error to report, saying truthfully what became of the target."""
+        self.close()
+        if self.fresh:
+            self.discard()  # never leave a half-restored new file that looks like a volume
+            state = f"nothing was written to {self.path}"
+        elif written:
+            state = f"{self.path} is now partial ({written} bytes rewritten): restore again to complete it"
+        else:
+            state = f"{self.path} was not changed"
+        if isinstance(exc, KeyboardInterrupt):
+            stop = interrupts.as_stopped(exc)
+            stop.what = state
+            return stop
+        if isinstance(exc, OSError):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return NoSpaceError(f"restore target {self.path} is full: {exc.strerror}; {state}")
+            return TargetError(f"cannot write restore target {self.path}: {exc.strerror}; {state}")
+        if isinstance(exc, ImagechainError) and not self.fresh and written:
+            return type(exc)(f"{exc}; {state}")
+        return exc
+
+
+def _refuse_repository_file(path: str, st: os.stat_result, repo: Repository) -> None:
+    """Restoring over the repository's own files would destroy the backup being read."""
+    root = getattr(repo.store, "root", None)
+    if root is None:
+        return
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+        raise TargetError(f"restore target {path} is inside the repository being read ({repo.display})")
+    for entry in repo.store.list():
+        try:
+            other = os.stat(os.path.join(top, *entry.name.split("/")))
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            raise TargetError(f"restore target {path} is the repository file {entry.name} (the same file)")
+
+
+def _fsync_folder(path: str) -> None:
     try:
-        fd = os.open(target, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
     except OSError as e:
-        raise TargetError(f"cannot open restore target {target}: {e.strerror}") from e
-    if is_dev:
-        have = device_size(fd)
-        if have < size:
-            os.close(fd)
-            raise TargetError(f"restore target {target} holds {have} bytes; the volume needs {size}")
-    elif delta and st.st_size < size:
-        os.ftruncate(fd, size)
-    return fd, is_dev, False
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:

@@ -13,6 +13,7 @@ import blake3
 import numpy as np
 import zstandard
 
+from .. import interrupts
 from ..errors import NoSpaceError
 from ..stores import AtomicWriter, Store
 from . import spec
@@ -165,11 +166,17 @@ class ImageWriter:
         for seg in self.segments:
             seg.flush()
         # publish: every segment but the footer's first, then the footer's; a crash in between leaves
-        # segments without a footer, which are not a point
-        for seg in self.segments[:-1]:
-            seg.commit()
-        self.segments[-1].commit()
-        return [s.name for s in self.segments]
+        # segments without a footer (the next writer of the chain publishes the rest). A stop signal
+        # waits until all are renamed, so an interrupted backup has published all or nothing.
+        names = [s.name for s in self.segments]
+        try:
+            with interrupts.deferred():
+                for seg in self.segments:
+                    seg.commit()
+        except interrupts.Stopped as e:
+            e.what = f"the point had been written whole and was published first ({names[0]})"
+            raise
+        return names
 
     def abort(self) -> None:
         self._frames.close()

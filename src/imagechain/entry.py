@@ -1,0 +1,32 @@
+"""The console script: stop signals are routed before anything heavy is imported, so a Ctrl-C or
+SIGTERM in the first instant ends with one line and exit 128 + signal, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+from . import interrupts
+from .interrupts import Stopped
+
+
+def run() -> None:
+    interrupts.install()
+    try:
+        from .cli import main
+    except KeyboardInterrupt as e:
+        stop = interrupts.as_stopped(e)
+        sys.stderr.write(f"imagechain: interrupted ({stop.name}) while starting; nothing was done\n")
+        sys.exit(stop.exit_code)
+    import click
+
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Abort as e:  # click turns an interrupt while parsing into Abort
+        stop = interrupts.as_stopped(e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else Stopped())
+        sys.stderr.write(f"imagechain: interrupted ({stop.name}); {stop.what}\n")
+        sys.exit(stop.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)

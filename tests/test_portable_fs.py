@@ -302,13 +302,13 @@ EMOJI = "💾 Ünïcødé 🦆"
 def test_hostile_names(tmp_path: Path, kind: str) -> None:
     assert len(LONG) == 300
     combos = [  # (host, source, chain); each of these names in each role it may take
-        ("C:\\x", "a/b", "Daily"),
-        ("C:\\x", "a/b", "daily"),
-        ("..", "NUL.txt", ".."),
+        ("C:\\x", "a\\b", "Daily"),
+        ("C:\\x", "a\\b", "daily"),
+        ("...", "NUL.txt", "..."),
         ("con", EMOJI, "con"),
-        ("Alpha", LONG, "a/b"),
-        ("alpha", LONG, "a/b"),
-        (LONG, "..", EMOJI),
+        ("Alpha", LONG, "a\\b"),
+        ("alpha", LONG, "a\\b"),
+        (LONG, "...", EMOJI),
         ("NUL.txt", "C:\\x", "NUL.txt"),
         (EMOJI, "con", "C:\\x"),
         ("x", "y", LONG),
@@ -323,19 +323,19 @@ def test_hostile_names(tmp_path: Path, kind: str) -> None:
             assert r.kind == "full" and (r.host, r.source, r.chain) == (h, s, c)
             results[(h, s, c)] = r
         # case variants are separate chains, in separate folders
-        daily, Daily = results[("C:\\x", "a/b", "daily")], results[("C:\\x", "a/b", "Daily")]
+        daily, Daily = results[("C:\\x", "a\\b", "daily")], results[("C:\\x", "a\\b", "Daily")]
         assert daily.chain_id != Daily.chain_id
         assert os.path.dirname(daily.files[0]) != os.path.dirname(Daily.files[0])
-        alpha, Alpha = results[("alpha", LONG, "a/b")], results[("Alpha", LONG, "a/b")]
+        alpha, Alpha = results[("alpha", LONG, "a\\b")], results[("Alpha", LONG, "a\\b")]
         assert alpha.chain_id != Alpha.chain_id
         assert alpha.files[0].split("/")[0] != Alpha.files[0].split("/")[0]
 
         # each continues its own chain: a change backed up into "Daily" only
         second = mutate(first, [1], seed=1)
         vol.write_bytes(second)
-        r = backup(str(vol), str(repo), host=local_host("C:\\x"), source_name="a/b", chain="Daily")
+        r = backup(str(vol), str(repo), host=local_host("C:\\x"), source_name="a\\b", chain="Daily")
         assert (r.kind, r.chain_id, r.changed_blocks) == ("incremental", Daily.chain_id, 1)
-        r = backup(str(vol), str(repo), host=local_host("alpha"), source_name=LONG, chain="a/b")
+        r = backup(str(vol), str(repo), host=local_host("alpha"), source_name=LONG, chain="a\\b")
         assert (r.kind, r.chain_id) == ("incremental", alpha.chain_id)
 
         rels = list(repo_files(repo))
@@ -350,13 +350,13 @@ def test_hostile_names(tmp_path: Path, kind: str) -> None:
         assert not doc["incomplete"] and not doc["leftovers"]
         chains = {(p[0]["host"], p[0]["source"], p[0]["chain"]): [q["point_id"] for q in p] for p in doc["chains"]}
         assert set(chains) == set(combos)
-        assert chains[("C:\\x", "a/b", "Daily")] == [Daily.point_id, chains[("C:\\x", "a/b", "Daily")][1]]
-        assert chains[("C:\\x", "a/b", "daily")] == [daily.point_id]
-        assert len(chains[("alpha", LONG, "a/b")]) == 2 and len(chains[("Alpha", LONG, "a/b")]) == 1
+        assert chains[("C:\\x", "a\\b", "Daily")] == [Daily.point_id, chains[("C:\\x", "a\\b", "Daily")][1]]
+        assert chains[("C:\\x", "a\\b", "daily")] == [daily.point_id]
+        assert len(chains[("alpha", LONG, "a\\b")]) == 2 and len(chains[("Alpha", LONG, "a\\b")]) == 1
 
         for key, r0 in results.items():
             assert restored(tmp_path, f"{repo}::{r0.point_id[:8]}", "p") == first, key
-        daily_1 = chains[("C:\\x", "a/b", "Daily")][1]
+        daily_1 = chains[("C:\\x", "a\\b", "Daily")][1]
         assert restored(tmp_path, f"{repo}::{daily_1[:8]}", "d1") == second
 
 

@@ -35,6 +35,7 @@ from imagechain.format import spec
 from imagechain.format.reader import PointFiles, PointReader
 from imagechain.format.writer import ImageWriter
 from imagechain.repository import Repository
+from imagechain.sizes import human
 from imagechain.stores.local import _LocalReader
 
 from .conftest import exe, write_volume
@@ -611,11 +612,15 @@ def test_info_lines_are_not_wrapped_in_a_pipe(tmp_path: Path) -> None:
         if key == "summary":
             continue
         want = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        if isinstance(value, int) and key.endswith(("_size", "_bytes")) and value >= 1024:
+            want = f"{human(value)} ({value} bytes)"  # sizes for people, the exact count beside them
         assert top[key] == want, (key, top[key], want)
     assert top["source_path"] == str(vol)
     assert all(f in top["files"] for f in js["files"])
     for sk, sv in js["summary"].items():
-        assert any(ln.split() == [sk, str(sv)] for ln in lines if ln.startswith("  ")), (sk, p.stdout)
+        want = f"{human(sv)} ({sv} bytes)" if isinstance(sv, int) and sk.endswith(("_size", "_bytes")) and sv >= 1024 \
+            else str(sv)  # fmt: skip
+        assert any(ln.split(None, 1) == [sk, want] for ln in lines if ln.startswith("  ")), (sk, p.stdout)
 
 
 # == 11. EFBIG ================================================================================================

@@ -136,7 +136,7 @@ def select(cat: Catalog, spec_: str, repo_display: str) -> PointFiles:
     errors: list[str] = []
     for tip in cat.tips(pts):
         try:
-            p = _pick(cat, tip, sel or "latest", spec_)
+            p = _pick(cat, tip, sel or "latest", spec_, by_chain=True)
             found[p.point_id.hex] = p
         except PointNotFoundError as e:
             errors.append(str(e))
@@ -152,9 +152,20 @@ def select(cat: Catalog, spec_: str, repo_display: str) -> PointFiles:
     return next(iter(found.values()))
 
 
-def _pick(cat: Catalog, tip: PointFiles, sel: str, spec_: str) -> PointFiles:
-    """Evaluate a selector along the lineage that ends at tip."""
+def _pick(cat: Catalog, tip: PointFiles, sel: str, spec_: str, by_chain: bool = False) -> PointFiles:
+    """Evaluate a selector along the lineage that ends at tip. With by_chain (the address named a chain,
+    not a point), selectors counted from the newest point refuse to count from an older one when the
+    newest file is damaged: restoring an older point must never happen silently."""
     s = sel.strip().lower()
+    if by_chain and (s == "latest" or re.fullmatch(r"-\d+", s)):
+        bad = cat.damaged_after(tip)
+        if bad:
+            name, why = bad[0]
+            raise IntegrityError(
+                f"{spec_ or 'the chain'}: its newest point, {name}, is damaged ({why}); the last sound point "
+                f"is {str(tip.point_id)[:8]}: restore it by its id (REPO::{str(tip.point_id)[:8]}) if that "
+                f"is what you want"
+            )
     if s == "latest":
         return tip
     pts = cat.ancestry(tip)

@@ -36,6 +36,7 @@ class Catalog:
 
     points: dict[uuid.UUID, PointFiles] = field(default_factory=dict)
     damaged: dict[uuid.UUID, tuple[list[str], str]] = field(default_factory=dict)  # footer there, not provable
+    claims: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID | None, int]] = field(default_factory=dict)  # of damaged
     problems: list[tuple[list[str], str]] = field(default_factory=list)  # (files, why): not points at all
     leftovers: list[str] = field(default_factory=list)  # temporaries of interrupted writes
     notices: list[str] = field(default_factory=list)  # ignored copies, misnamed segments
@@ -77,6 +78,16 @@ class Catalog:
             h = pts[0].header
             out[(h.host_id, h.source_id, chain_name(pts[0]))].append(pts)
         return dict(out)
+
+    def damaged_after(self, tip: PointFiles) -> list[tuple[str, str]]:
+        """Damaged points that claim to continue the lineage ending at tip: (first file, why). A selector
+        of the newest point must not silently fall back to tip when the newest file is one of these."""
+        out = []
+        for pid, (chain_id, parent_id, seq) in self.claims.items():
+            if chain_id == tip.header.chain_id and (parent_id == tip.point_id or seq > tip.header.sequence):
+                files, why = self.damaged[pid]
+                out.append((files[0], why))
+        return out
 
     def find_generation(self, host_id: bytes, source_id: bytes, name: str) -> list[PointFiles]:
         """The newest generation of the named chain of a source: the one a backup continues."""
@@ -172,6 +183,11 @@ def scan(store: Store, prefix: str = "") -> Catalog:
             cat.points[pid] = a.point
         elif a.damaged:
             cat.damaged[pid] = (names, a.damaged)
+            for f in files:  # which chain it claims to continue, from its header, proven or not
+                claim = (f.header.chain_id, f.header.parent_id, f.header.sequence) if f.header else f.claim
+                if claim is not None:
+                    cat.claims[pid] = claim
+                    break
         else:
             cat.problems.append((names, a.incomplete))
     return cat

@@ -119,12 +119,17 @@ def main(debug: bool) -> None:
 @click.option("--compression", help="zstd[:LEVEL], lz4 or none.  [default: zstd:3, or the chain's]")
 @click.option("--split-size", help="Largest image file; bigger points are split into segments (0: no limit).")
 @click.option("--host", "host_name", help="Host identity to file the backup under (default: this machine).")
-@click.option("--source-name", help="Name of the source in the repository (default: file/device name).")
+@click.option("--source-name", help="Back the source up under this name, as a source of its own (default: the "
+              "file or device name).")
+@click.option("--allow-mounted", is_flag=True, help="Image a source whose filesystem is mounted read-write "
+              "(the point is marked: it may not be consistent).")
+@click.option("--source-moved", is_flag=True, help="The source is the chain's volume on another device or file "
+              "(moved, restored, re-plugged): continue its chain.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, block_size: str | None,
            compression: str | None, split_size: str | None, host_name: str | None, source_name: str | None,
-           as_json: bool) -> None:  # fmt: skip
+           allow_mounted: bool, source_moved: bool, as_json: bool) -> None:  # fmt: skip
     """Back up SOURCE (image file or block device) into the repository folder REPO."""
     res = run_backup(
         source, repo, chain=chain, full=full, parent=parent,
@@ -132,6 +137,7 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
         codec=CodecParams.parse(compression) if compression else None,
         split_size=_size_option(split_size, check_split_size),
         host=local_host(host_name) if host_name is not None else None, source_name=source_name,
+        source_moved=source_moved, allow_mounted=allow_mounted,
         progress=BarProgress(not as_json),
     )  # fmt: skip
     if as_json:
@@ -252,17 +258,33 @@ def info(point: str, as_json: bool) -> None:
         "source_path": h.metadata.get("source_path"), "source_identity": h.metadata.get("source_identity"),
         "compression": str(CodecParams(h.compression, h.compression_level)), "split_size": h.split_size,
         "encryption": "none" if h.encryption == spec.ENCRYPTION_NONE else "aes-256-gcm",
+        "warnings": _warnings(h, summary),
         "summary": summary,
     }  # fmt: skip
     if as_json:
         click.echo(json.dumps(data, indent=1))
         return
+    def shown(key: str, v: object) -> str:
+        if isinstance(v, list):
+            return ", ".join(map(str, v))
+        if isinstance(v, int) and key.endswith(("_size", "_bytes")) and v >= 1024:
+            return f"{human(v)} ({v} bytes)"
+        return str(v)
+
     for k, v in data.items():  # plain lines: never wrapped, whatever the terminal
         if k == "summary":
             for sk, sv in v.items():
-                click.echo(f"  {sk:<16} {sv}")
+                click.echo(f"  {sk:<16} {shown(sk, sv)}")
         else:
-            click.echo(f"{k:<20} {', '.join(map(str, v)) if isinstance(v, list) else v}")
+            click.echo(f"{k:<20} {shown(k, v)}")
+
+
+def _warnings(h: spec.PointHeader, summary: dict[str, object]) -> list[str]:
+    """What the point's writer found doubtful about the source (mounted, modified while read)."""
+    out = [f"mounted read-write while it was read: {h.metadata['mounted_while_read']}"] \
+        if h.metadata.get("mounted_while_read") else []  # fmt: skip
+    more = summary.get("warnings")
+    return out + ([str(w) for w in more] if isinstance(more, list) else [])
 
 
 @main.command()
@@ -270,13 +292,15 @@ def info(point: str, as_json: bool) -> None:
 @click.argument("dest")
 @click.option("--delta", is_flag=True, help="Read DEST first and write only the blocks that differ.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file or device.")
+@click.option("--overwrite-mounted", is_flag=True, help="Write even to a device or file whose filesystem is "
+              "mounted (corrupts what is mounted; --force alone refuses).")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def restore(point: str, dest: str, delta: bool, force: bool, as_json: bool) -> None:
+def restore(point: str, dest: str, delta: bool, force: bool, overwrite_mounted: bool, as_json: bool) -> None:
     """Restore POINT to DEST (a file or block device), bit for bit."""
     res = open_point(point)
     r = run_restore(res.repo, res.point, dest, delta=delta, force=force, progress=BarProgress(not as_json),
-                    cat=res.catalog)
+                    cat=res.catalog, overwrite_mounted=overwrite_mounted)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=1))
         return

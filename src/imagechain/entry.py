@@ -30,3 +30,7 @@ def run() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    finally:
+        # the outcome is decided and said: a signal from now on must not turn it into a death by signal
+        # while the interpreter shuts down (its handlers are gone by then)
+        interrupts.hold()

@@ -50,6 +50,13 @@ def install() -> None:
         signal.signal(s, _handler)
 
 
+def hold() -> None:
+    """Ignore the stop signals for the rest of the process, once its outcome is decided and reported."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """Hold stop signals until the block is done; then the first of them is raised."""

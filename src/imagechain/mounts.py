@@ -49,12 +49,11 @@ def mounted_uses(path: str) -> list[MountUse]:
         st = os.stat(path)
     except OSError:
         return []
-    loops = _loops()
     if stat.S_ISBLK(st.st_mode):
-        users, file_key = _users_of_device(st.st_rdev, loops), None
+        users, file_key = _users_of_device(st.st_rdev, _loops()), None
     elif stat.S_ISREG(st.st_mode):
         file_key = (st.st_dev, st.st_ino)
-        users = _users_of_file(file_key, loops)
+        users = _users_of_file(file_key, _loops())
     else:
         return []
     uses: list[MountUse] = []
@@ -99,10 +98,15 @@ def exclusive_open(path: str, flags: int) -> int | None:
     """Open `path`; for a block device exclusively (O_EXCL), so the kernel itself says whether anything holds it
     (a mount, a partition's mount, device-mapper or md, another exclusive opener): None when it does (EBUSY).
 
-    While the returned fd stays open, nothing else can mount or claim the device, which closes the window between
-    checking and writing. Regular files are opened without O_EXCL (it means nothing for them without O_CREAT).
-    Other errors raise OSError; the caller closes the fd."""
-    if not stat.S_ISBLK(os.stat(path).st_mode):
+    While the returned fd stays open nothing can mount the device or claim it exclusively, which closes the window
+    between checking and writing (a loop device can still be attached on it: `mounted_uses` sees those). Anything
+    else (regular files, a path that O_CREAT will create) is opened with `flags` as given. Other errors raise
+    OSError; the caller closes the fd."""
+    try:
+        is_device = stat.S_ISBLK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        is_device = False
+    if not is_device:
         return os.open(path, flags)
     try:
         return os.open(path, flags | os.O_EXCL)
@@ -390,3 +394,20 @@ def _printable(text: str) -> str:
         else:
             out.append(c.encode("unicode_escape").decode("ascii"))
     return "".join(out)
+
+
+def in_use(path: str, *, writable_only: bool) -> str:
+    """One line of evidence that something mounted (or holding the device exclusively) uses the storage
+    behind `path`, or "" when nothing does. With writable_only, read-only mounts do not count (reading is
+    safe under them; writing never is)."""
+    uses = mounted_uses(path)
+    found = read_write(uses) if writable_only else uses
+    if found:
+        return describe(found[0])
+    if uses:
+        return ""
+    fd = exclusive_open(path, os.O_RDONLY)
+    if fd is None:
+        return f"{path} is held exclusively by another user (a mount elsewhere, swap, RAID or device-mapper)"
+    os.close(fd)
+    return ""

@@ -183,7 +183,9 @@ def open_source(path: str, name: str | None = None) -> Source:
         raise
     p = probe(head)
     identity = f"{p.kind}:{p.uuid}" if p else f"path:{os.path.realpath(path)}"
-    sid = blake3.blake3(b"imagechain-source\0" + identity.encode()).digest(16)
+    # a name given with --source-name makes a source of its own (a clone of a disk backed up apart from it)
+    named = identity if name is None else f"{identity}\0name={name}"
+    sid = blake3.blake3(b"imagechain-source\0" + named.encode()).digest(16)
     return Source(path, fd, size, is_dev, identity, sid, name or os.path.basename(os.path.normpath(path)), p,
                   device_identity, mtime_ns, ctime_ns)  # fmt: skip
 
@@ -269,8 +271,8 @@ def same_source(recorded: str, current: str) -> bool | None:
 
 # --- names given on the command line ---
 
-MAX_NAME = 255
-NAME_RULE = ("1 to 255 characters, without '/', '@', '::', control characters or line breaks, "
+MAX_NAME = 1024
+NAME_RULE = ("1 to 1024 characters, without '/', '@', '::', control characters or line breaks, "
              "not only whitespace, and not '.' or '..'")  # fmt: skip
 
 

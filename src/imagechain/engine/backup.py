@@ -20,15 +20,16 @@ from ..address import select
 from ..blockmap import block_count
 from ..chain import FOLLOWS, Catalog, MapStream, describe
 from ..codec import CodecParams, encode
-from ..errors import AmbiguousPointError, ChainBrokenError, ImagechainError, UsageError
+from ..errors import AmbiguousPointError, ChainBrokenError, ImagechainError, SourceError, UsageError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader, SegmentFile, assemble, scan_file
 from ..format.writer import ImageWriter
 from ..identity import HostIdentity, local_host
 from ..lock import ChainLock
 from ..mapcache import MapFile, MapWriter, commit_tip, default_cache_dir, open_cached
+from ..mounts import in_use
 from ..repository import Repository
-from ..sources import Source, open_source
+from ..sources import Source, check_name, open_source, same_source
 from ..state import StateHasher
 from ..stores import Store, StoreEntry, temporary_of
 from .pipeline import default_threads, ordered_map, prefetch
@@ -97,9 +98,9 @@ class _Stats:
     zero_blocks: int = 0
     state: bytes = b""
 
-    def summary(self, duration_s: float) -> dict[str, object]:
+    def summary(self, duration_s: float, warnings: list[str]) -> dict[str, object]:
         out: dict[str, object] = {k: v for k, v in asdict(self).items() if k != "state"}
-        return {**out, "duration_s": round(duration_s, 3),
+        return {**out, "duration_s": round(duration_s, 3), **({"warnings": warnings} if warnings else {}),
                 "finished": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
 
 
@@ -136,6 +137,8 @@ def backup(
     split_size: int | None = None,
     host: HostIdentity | None = None,
     source_name: str | None = None,
+    source_moved: bool = False,
+    allow_mounted: bool = False,
     cache_dir: str | None = "",
     threads: int | None = None,
     progress: Progress | None = None,
@@ -148,20 +151,24 @@ def backup(
         check_block_size(block_size)
     if split_size is not None:
         check_split_size(split_size)
-    if not chain or len(chain) > 1024:
-        raise UsageError("chain name must be 1 to 1024 characters")
+    check_name("chain", chain)
+    if source_name is not None:
+        check_name("source", source_name)
+    if host is not None:
+        check_name("host", host.name)
     if full and parent:
         raise UsageError("--full starts a new chain; it takes no --parent")
     host = host or local_host()
     progress = progress or Silent()
     cache = default_cache_dir() if cache_dir == "" else cache_dir
     with open_source(source_path, source_name) as src:
+        mounted = check_not_mounted(src, allow_mounted, progress)
         repo = Repository.open(repo_path, create=True)
         what = f"chain {chain!r} of {src.name} on {host.name}"
         lock = ChainLock(repo.store, repo.lock_name(host.host_id, src.source_id, chain), host, what, repo_path)
         with lock:
             job = _Job(src, repo, host, chain, full, parent, block_size, codec, split_size, cache,
-                       threads or default_threads(), progress, lock)  # fmt: skip
+                       threads or default_threads(), progress, lock, source_moved, mounted)  # fmt: skip
             for n in lock.notices:
                 job.note(n)
             return job.run()
@@ -182,6 +189,8 @@ class _Job:
     threads: int
     progress: Progress
     lock: ChainLock
+    source_moved: bool = False
+    mounted: str = ""  # --allow-mounted: what was mounted read-write while the source was read
     notices: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:
@@ -279,6 +288,14 @@ class _Job:
             chain_id, sequence = ph.chain_id, ph.sequence + 1
             if ph.metadata.get("source_identity") != src.identity:
                 self.note(f"source identity changed from {ph.metadata.get('source_identity')} to {src.identity}")
+            recorded = str(ph.metadata.get("device_identity", ""))
+            if same_source(recorded, src.device_identity) is False and not self.source_moved:
+                raise SourceError(
+                    f"{src.path} holds the volume of chain {self.chain!r} ({src.identity}) but is another "
+                    f"device or file ({src.device_identity}; the chain's is {recorded}): a clone? Back it up as "
+                    f"a source of its own with --source-name NAME, or, if it is the same volume moved or "
+                    f"copied into place, continue its chain with --source-moved"
+                )
         else:
             bs = self.block_size or DEFAULT_BLOCK_SIZE
             codec = self.codec or DEFAULT_CODEC
@@ -297,9 +314,11 @@ class _Job:
             compression=codec.compression, compression_level=codec.level, split_size=split,
             metadata={
                 "host": host.name, "source": src.name, "source_path": os.path.abspath(src.path),
-                "source_identity": src.identity, "chain": self.chain, "tool": f"imagechain {__version__}",
+                "source_identity": src.identity, "device_identity": src.device_identity, "chain": self.chain,
+                "tool": f"imagechain {__version__}",
                 **({"parent_file": parent.name.rpartition("/")[2]} if parent else {}),
                 **({FOLLOWS: gen[0].header.chain_id.hex} if parent is None and gen else {}),
+                **({"mounted_while_read": self.mounted} if self.mounted else {}),
             },
         )  # fmt: skip
         base = repo.point_base(chain_dir, created, sequence, parent is None, point_id.hex)
@@ -307,8 +326,11 @@ class _Job:
         cachew = MapWriter(self.cache, src.size, bs)
         try:
             stats = _run(src, bs, codec, pmap, writer, cachew, self.threads, self.progress)
+            warnings = src.check_unchanged()  # a size change is an error: nothing is published
+            for w in warnings:
+                self.note(w)
             self.lock.check()  # the lock is still ours: nobody else wrote this chain meanwhile
-            files = writer.finish(stats.state, stats.summary(time.monotonic() - t0))
+            files = writer.finish(stats.state, stats.summary(time.monotonic() - t0, warnings))
         except BaseException:
             writer.abort()
             cachew.abort()
@@ -327,6 +349,20 @@ class _Job:
             state_digest=stats.state.hex(), parent_id=str(parent.point_id) if parent else None,
             notices=self.notices,
         )  # fmt: skip
+
+
+def check_not_mounted(src: Source, allow: bool, progress: Progress) -> str:
+    """A filesystem mounted read-write changes while it is read: its image would be torn yet pass every
+    digest check. Refused unless allowed; then the evidence goes into the point (metadata
+    mounted_while_read) and the output."""
+    evidence = in_use(src.path, writable_only=True)
+    if not evidence:
+        return ""
+    if not allow:
+        raise SourceError(f"source {src.path} is in use: {evidence}; unmount it, mount it read-only or back up a "
+                          f"snapshot of it (--allow-mounted images it anyway, likely inconsistent)")  # fmt: skip
+    progress.notice(f"{evidence}: the point may not be consistent (--allow-mounted)")
+    return evidence
 
 
 def prove_stored(store: Store, lin: list[PointFiles]) -> None:

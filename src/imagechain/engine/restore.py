@@ -24,6 +24,7 @@ from ..codec import decode
 from ..errors import ImagechainError, IntegrityError, NoSpaceError, TargetError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader
+from ..mounts import in_use
 from ..repository import Repository
 from ..sources import device_size
 from ..stores import TEMP_MARK
@@ -116,6 +117,7 @@ def restore(
     threads: int | None = None,
     progress: Progress | None = None,
     cat: Catalog | None = None,
+    overwrite_mounted: bool = False,
 ) -> RestoreResult:
     t0 = time.monotonic()
     progress = progress or Silent()
@@ -125,7 +127,10 @@ def restore(
         ms.prove()  # the whole map against the point's state digest, before a byte is written
     h = point.header
     bs, size = h.block_size, h.volume_size
-    tgt = Target.open(target, size, delta, force, repo)
+    notes: list[str] = []
+    tgt = Target.open(target, size, delta, force, repo, overwrite_mounted, notes)
+    for n in notes:
+        progress.notice(n)
     job = _Restore(tgt.fd, bs, size, tgt.fresh, delta, PayloadSource(repo, points))
     maps = MapStream(repo.store, points, locations=True)
     feed = prefetch(job.pieces(maps.windows()), 3)
@@ -221,7 +226,8 @@ class Target:
     tmp: str = ""
 
     @classmethod
-    def open(cls, path: str, size: int, delta: bool, force: bool, repo: Repository) -> Target:
+    def open(cls, path: str, size: int, delta: bool, force: bool, repo: Repository, overwrite_mounted: bool = False,
+             notes: list[str] | None = None) -> Target:  # fmt: skip
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -249,6 +255,7 @@ class Target:
         if not is_dev and not stat.S_ISREG(st.st_mode):
             raise TargetError(f"restore target is neither a file nor a block device: {path}")
         _refuse_repository_file(path, st, repo)
+        _refuse_mounted(path, overwrite_mounted, notes)
         if not (force or delta) and (is_dev or st.st_size > 0):
             raise TargetError(f"restore target {path} exists; add --force to overwrite it or --delta to update it")
         try:
@@ -316,6 +323,19 @@ class Target:
         if isinstance(exc, ImagechainError) and not self.fresh and written:
             return type(exc)(f"{exc}; {state}")
         return exc
+
+
+def _refuse_mounted(path: str, allow: bool, notes: list[str] | None) -> None:
+    """Writing under a mounted filesystem corrupts it (and what it caches), read-only or not; --force does
+    not override this, only --overwrite-mounted does."""
+    evidence = in_use(path, writable_only=False)
+    if not evidence:
+        return
+    if not allow:
+        raise TargetError(f"restore target {path} is in use: {evidence}; unmount it first (--force does not "
+                          f"override this; --overwrite-mounted does, and likely corrupts what is mounted)")
+    if notes is not None:
+        notes.append(f"{evidence}: overwriting it anyway (--overwrite-mounted)")
 
 
 def _refuse_repository_file(path: str, st: os.stat_result, repo: Repository) -> None:

@@ -31,6 +31,7 @@ class SegmentFile:
     header: spec.PointHeader | None = None  # parsed point header, segment 0 only
     footer: spec.Footer | None = None  # valid footer at the tail, last segment only
     problem: str = ""  # why the header or the footer could not be used
+    claim: tuple[uuid.UUID, uuid.UUID | None, int] | None = None  # unproven (chain, parent, seq) of a bad header
 
     @property
     def data_end(self) -> int:
@@ -63,6 +64,7 @@ def scan_file(store: Store, entry: StoreEntry) -> SegmentFile | None:
                 need = spec.PointHeader.length_from_prefix(body)
                 if need > len(body) and need < 64 << 20:
                     body += store.read(entry.name, len(head), need - len(body))
+            sf.claim = spec.PointHeader.peek(body)
             sf.header = spec.PointHeader.unpack(body, entry.name)
             if sf.header.point_id != seg.point_id:
                 raise IntegrityError(f"{entry.name}: point header and segment header disagree on the point id")

@@ -203,6 +203,16 @@ class PointHeader:
         )  # fmt: skip
 
     @staticmethod
+    def peek(raw: bytes) -> tuple[uuid.UUID, uuid.UUID | None, int] | None:
+        """(chain id, parent id, sequence) from a header whose checksum fails: unproven, so used only to
+        tell the user which chain a damaged point claims to continue, never to read data."""
+        if len(raw) < HEADER_FIXED_SIZE or raw[:8] != HEADER_MAGIC:
+            return None
+        f = HEADER_FIXED.unpack(raw[:HEADER_FIXED_SIZE])
+        parent = f[6]
+        return uuid.UUID(bytes=f[5]), None if parent == bytes(16) else uuid.UUID(bytes=parent), int(f[10])
+
+    @staticmethod
     def length_from_prefix(raw: bytes) -> int:
         """Total header length, read from the first 16 bytes."""
         return int(struct.unpack_from("<I", raw, 12)[0])

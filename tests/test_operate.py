@@ -1,0 +1,214 @@
+"""Safe to operate: names that stay addressable, cloned disks, sources that change while read, the newest
+point damaged, restores that cannot destroy the backup they read, errors a script can parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imagechain.address import open_point
+from imagechain.engine.backup import backup
+from imagechain.engine.restore import restore
+from imagechain.errors import SourceError, TargetError, UsageError
+
+from .conftest import exe, write_volume
+
+MiB = 1 << 20
+
+
+def ic(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([exe(), *map(str, args)], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
+def one_line(p: subprocess.CompletedProcess[str], code: int) -> str:
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    return line
+
+
+@pytest.mark.parametrize(("option", "value"), [("--chain", "a/b"), ("--chain", "x@-1"), ("--chain", ""),
+                                               ("--host", ""), ("--source-name", "a::b"), ("--chain", "..")])
+def test_names_that_cannot_be_addressed_are_refused(tmp_path: Path, repo: Path, option: str, value: str) -> None:
+    vol = tmp_path / "vol.img"
+    write_volume(vol, MiB, seed=1)
+    line = one_line(ic("backup", vol, repo, option, value), 2)
+    assert "name" in line and "without '/', '@', '::'" in line, line
+    assert not list(repo.rglob("*.icimg")) if repo.exists() else True
+
+
+def test_a_cloned_disk_does_not_continue_the_original_chain(tmp_path: Path, repo: Path) -> None:
+    vol, clone = tmp_path / "vol.img", tmp_path / "clone.img"
+    data = bytearray(write_volume(vol, 2 * MiB, seed=2))
+    data[1024 + 56 : 1024 + 58] = b"\x53\xef"  # an ext4 superblock magic and UUID: the filesystem identity
+    data[1024 + 104 : 1024 + 120] = bytes(range(16))
+    vol.write_bytes(data)
+    first = backup(str(vol), str(repo))
+    shutil.copyfile(vol, clone)
+    with open(clone, "r+b") as f:  # the clone then lives its own life
+        f.seek(MiB)
+        f.write(os.urandom(70_000))
+    line = one_line(ic("backup", clone, repo), 3)
+    assert "--source-name" in line and "--source-moved" in line and "clone" in line, line
+    own = json.loads(ic("backup", clone, repo, "--source-name", "clone", "--json").stdout)
+    assert own["kind"] == "full" and own["chain_id"] != first.chain_id
+    # the original still continues its own chain, and a rename of the file changes nothing
+    moved = tmp_path / "renamed.img"
+    vol.rename(moved)
+    r = backup(str(moved), str(repo))
+    assert r.kind == "incremental" and r.chain_id == first.chain_id
+    # the same volume copied into place (say, restored from elsewhere) continues only when told so
+    shutil.copyfile(moved, vol)
+    with pytest.raises(SourceError):
+        backup(str(vol), str(repo))
+    r = backup(str(vol), str(repo), source_moved=True)
+    assert r.kind == "incremental" and r.chain_id == first.chain_id and r.changed_blocks == 0
+    assert backup(str(vol), str(repo)).kind == "incremental"  # the new identity is the chain's now
+
+
+def test_a_source_that_changes_size_while_read_publishes_nothing(tmp_path: Path, repo: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from imagechain.engine import backup as backup_mod
+
+    vol = tmp_path / "vol.img"
+    write_volume(vol, 4 * MiB, seed=3)
+    orig = backup_mod._run
+
+    def growing(*a: object, **k: object) -> object:
+        out = orig(*a, **k)  # type: ignore[arg-type]
+        with open(vol, "ab") as f:
+            f.write(b"x" * 4096)
+        return out
+
+    monkeypatch.setattr(backup_mod, "_run", growing)
+    with pytest.raises(SourceError) as e:
+        backup(str(vol), str(repo))
+    assert e.value.exit_code == 3 and "changed size while being read" in str(e.value)
+    assert not list(repo.rglob("*.icimg")) and not list(repo.rglob("*.tmp-*"))
+
+
+def test_a_source_written_while_read_is_flagged_in_the_point(tmp_path: Path, repo: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from imagechain.engine import backup as backup_mod
+
+    vol = tmp_path / "vol.img"
+    write_volume(vol, 4 * MiB, seed=4)
+    orig = backup_mod._run
+
+    def written(*a: object, **k: object) -> object:
+        out = orig(*a, **k)  # type: ignore[arg-type]
+        with open(vol, "r+b") as f:
+            f.write(b"changed")
+        return out
+
+    monkeypatch.setattr(backup_mod, "_run", written)
+    r = backup(str(vol), str(repo))
+    assert any("modified while being read" in n for n in r.notices), r.notices
+    info = json.loads(ic("info", f"{repo}::{r.point_id[:8]}", "--json").stdout)
+    assert any("use a snapshot" in w for w in info["summary"]["warnings"]), info["summary"]
+
+
+def test_restore_never_falls_back_silently_when_the_newest_point_is_damaged(tmp_path: Path, repo: Path) -> None:
+    vol = tmp_path / "vol.img"
+    data = bytearray(write_volume(vol, 2 * MiB, seed=5))
+    r0 = backup(str(vol), str(repo))
+    data[:100] = os.urandom(100)
+    vol.write_bytes(data)
+    r1 = backup(str(vol), str(repo))
+    newest = repo / r1.files[0]
+    raw = bytearray(newest.read_bytes())
+    raw[64 + 200] ^= 1  # inside the point header's metadata: its checksum fails
+    newest.write_bytes(raw)
+    out = tmp_path / "out.img"
+    line = one_line(ic("restore", f"{repo}::default", out), 7)
+    assert newest.name in line and "damaged" in line and r0.point_id[:8] in line, line
+    assert not out.exists()
+    line = one_line(ic("restore", f"{repo}::default@-1", out), 7)  # counting from the newest too
+    assert newest.name in line, line
+    # the last sound point, asked for by its id, restores
+    assert ic("restore", f"{repo}::{r0.point_id[:8]}", out).returncode == 0
+
+
+def test_restore_refuses_to_overwrite_the_repository(tmp_path: Path, repo: Path) -> None:
+    vol = tmp_path / "vol.img"
+    write_volume(vol, 2 * MiB, seed=6)
+    r = backup(str(vol), str(repo))
+    own = repo / r.files[0]
+    before = own.read_bytes()
+    res = open_point(f"{repo}::default")
+    with pytest.raises(TargetError) as e:
+        restore(res.repo, res.point, str(own), force=True)
+    assert "repository" in str(e.value)
+    link = tmp_path / "elsewhere.icimg"
+    os.link(own, link)  # the same file under another name, outside the repository
+    line = one_line(ic("restore", f"{repo}::default", link, "--force"), 8)
+    assert "repository file" in line, line
+    assert own.read_bytes() == before
+
+
+def test_json_errors_are_json_on_stdout(tmp_path: Path, repo: Path) -> None:
+    p = ic("restore", f"{tmp_path}/nowhere::default", tmp_path / "x.img", "--json")
+    assert p.returncode in (4, 5) and p.stderr.strip().startswith("imagechain: error:")
+    doc = json.loads(p.stdout)["error"]
+    assert doc["exit_code"] == p.returncode and doc["message"] in p.stderr and doc["kind"].endswith("Error")
+
+
+def test_a_bad_name_is_refused_before_anything_is_opened(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        backup(str(tmp_path / "missing.img"), str(tmp_path / "r"), chain="a/b")  # not "source not found"
+    assert not (tmp_path / "r").exists()
+
+
+# -- mounted volumes are never imaged or overwritten silently (real loop devices and ext4 mounts) ------
+
+
+def test_a_mounted_read_write_source_is_refused_unless_allowed(tmp_path: Path, repo: Path) -> None:
+    from .conftest import loop_device
+    from .test_mounts import ext4_image, mounted
+
+    img = ext4_image(tmp_path / "fs.img", 8 * MiB)
+    with loop_device(img) as dev, mounted(dev, tmp_path / "mnt") as umount:
+        (tmp_path / "mnt" / "file").write_bytes(os.urandom(100_000))
+        for source in (img, dev):  # the image file behind the mounted loop device, and the device itself
+            line = one_line(ic("backup", source, repo), 3)
+            assert "mounted read-write" in line and "--allow-mounted" in line and "snapshot" in line, line
+        assert not list(repo.rglob("*.icimg")) if repo.exists() else True
+        r = json.loads(ic("backup", dev, repo, "--allow-mounted", "--json").stdout)
+        assert any("may not be consistent" in n for n in r["notices"]) or r["kind"] == "full"
+        info = json.loads(ic("info", f"{repo}::{r['point_id'][:8]}", "--json").stdout)
+        assert any("mounted read-write while it was read" in w for w in info["warnings"]), info["warnings"]
+        text = ic("info", f"{repo}::{r['point_id'][:8]}").stdout
+        assert "mounted read-write while it was read" in text
+        umount()
+        subprocess.run(["mount", "-o", "ro", dev, str(tmp_path / "mnt")], check=True)
+        try:  # read-only: nothing changes while it is read, so it is fine
+            ok = ic("backup", dev, repo, "--json")
+            assert ok.returncode == 0, ok.stderr
+        finally:
+            subprocess.run(["umount", str(tmp_path / "mnt")], check=False)
+
+
+def test_restore_onto_a_mounted_target_is_refused_even_with_force(tmp_path: Path, repo: Path) -> None:
+    from .conftest import loop_device
+    from .test_mounts import ext4_image, mounted
+
+    img = ext4_image(tmp_path / "fs.img", 8 * MiB)
+    src = tmp_path / "src.img"
+    write_volume(src, 8 * MiB, seed=9)
+    backup(str(src), str(repo))
+    with loop_device(img) as dev, mounted(dev, tmp_path / "mnt", "-o", "ro"):
+        before = img.read_bytes()
+        for target in (dev, img):  # the mounted device, and the file behind it
+            for flags in (["--force"], ["--delta"], ["--force", "--delta"]):
+                line = one_line(ic("restore", f"{repo}::default", target, *flags), 8)
+                assert "is in use" in line and "--overwrite-mounted" in line, line
+        assert img.read_bytes() == before
+    # unmounted: a plain --force restore goes through
+    with loop_device(img) as dev:
+        ok = ic("restore", f"{repo}::default", dev, "--force")
+        assert ok.returncode == 0, ok.stderr

@@ -212,3 +212,100 @@ def test_restore_onto_a_mounted_target_is_refused_even_with_force(tmp_path: Path
     with loop_device(img) as dev:
         ok = ic("restore", f"{repo}::default", dev, "--force")
         assert ok.returncode == 0, ok.stderr
+
+
+# -- repositories are what they claim to be; errors name their cause ---------------------------------
+
+
+def test_verify_and_list_of_a_folder_that_is_no_repository(tmp_path: Path) -> None:
+    empty = tmp_path / "mnt"
+    empty.mkdir()
+    for cmd in (("verify", empty), ("list", empty), ("restore", f"{empty}::default", tmp_path / "o.img")):
+        line = one_line(ic(*cmd), 4)
+        assert "not an imagechain repository" in line and "mounted" in line, line
+
+
+def test_break_lock_takes_only_lock_ids(tmp_path: Path, repo: Path) -> None:
+    vol = tmp_path / "vol.img"
+    write_volume(vol, MiB, seed=10)
+    backup(str(vol), str(repo))
+    victim = tmp_path / "victim.lock"
+    victim.write_text("precious")
+    for bad in ("../../victim", "../victim", "x", "0123abcd-0123abcd-0123abc/"):
+        line = one_line(ic("break-lock", repo, bad), 2)
+        assert "not a lock id" in line, line
+    assert victim.read_text() == "precious"
+
+
+def test_unfinished_published_segments_are_cleared_by_the_next_backup(tmp_path: Path, repo: Path) -> None:
+    """Segments renamed into place whose point never got its footer segment (the temporary is gone too):
+    verify fails on them; the next backup of the chain removes them, says so, and verify is clean again."""
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(os.urandom(4 * MiB))
+    r = backup(str(vol), str(repo), split_size=MiB)
+    assert len(r.files) >= 4
+    for name in r.files:  # make it look like a point whose last rename never happened, temporaries lost
+        if name == r.files[-1]:
+            (repo / name).unlink()
+    for name in r.files[:-1]:
+        os.rename(repo / name, repo / name.replace(r.point_id[:8], "feedf00d"))
+    fake = [n.replace(r.point_id[:8], "feedf00d") for n in r.files[:-1]]
+    p = ic("verify", repo)
+    assert p.returncode == 7, p.stdout
+    res = json.loads(ic("backup", vol, repo, "--json").stdout)
+    assert any("never finished" in n and all(f in n for f in fake) for n in res["notices"]), res["notices"]
+    assert not any((repo / f).exists() for f in fake)
+    assert ic("verify", repo).returncode == 0
+
+
+def test_a_repository_whose_disk_went_away_is_a_repository_error(tmp_path: Path) -> None:
+    import signal as sig
+
+    from .fsimages import _daemons, fuse_disk
+
+    vol = tmp_path / "vol.img"
+    write_volume(vol, MiB, seed=11)
+    with fuse_disk(tmp_path, "exfat") as disk:
+        mnt = disk.mount(tmp_path / "usb")
+        repo = mnt / "repo"
+        assert ic("backup", vol, repo).returncode == 0
+        for pid in _daemons(str(mnt)):  # the FUSE driver dies: "Transport endpoint is not connected"
+            os.kill(pid, sig.SIGKILL)
+        for cmd in (("list", repo), ("verify", repo), ("backup", vol, repo)):
+            line = one_line(ic(*cmd), 4)
+            assert str(mnt) in line or "repository" in line, line
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        disk.mountpoint = None
+
+
+def test_a_write_refused_at_a_size_cap_starts_a_new_segment(tmp_path: Path, repo: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """fusefat answers EPERM at 2 GiB: such a refusal at a known cap continues in a new segment (a cap of
+    3 MiB stands in for 2 GiB here); the same error elsewhere is still an error."""
+    import errno
+
+    from imagechain.stores import local
+
+    cap = 3 * MiB
+    monkeypatch.setattr(local, "SIZE_CAPS", (cap,))
+    real_write = os.write
+
+    def capped(fd: int, data: bytes | memoryview) -> int:
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+        if os.fstat(fd).st_size and pos + len(data) > cap and "icimg" in os.readlink(f"/proc/self/fd/{fd}"):
+            if pos >= cap:
+                raise OSError(errno.EPERM, "Operation not permitted")
+            data = memoryview(data)[: cap - pos]
+        return real_write(fd, data)
+
+    monkeypatch.setattr(local.os, "write", capped)
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(os.urandom(8 * MiB))
+    r = backup(str(vol), str(repo))
+    assert len(r.files) >= 3 and all((repo / f).stat().st_size <= cap for f in r.files)
+    res = open_point(f"{repo}::default")
+    out = tmp_path / "out.img"
+    restore(res.repo, res.point, str(out))
+    assert out.read_bytes() == vol.read_bytes()
+    assert local.size_limit_reached(errno.EPERM, cap - 10, 100)
+    assert not local.size_limit_reached(errno.EPERM, 10, 100)  # far from a cap: a real permission error

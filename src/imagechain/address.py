@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .chain import Catalog, newest_generation
-from .errors import AmbiguousPointError, IntegrityError, PointNotFoundError, UsageError
+from .errors import AmbiguousPointError, IntegrityError, PointNotFoundError, RepositoryError, UsageError
 from .format.reader import PointFiles
 from .names import component
-from .repository import Repository, chain_key, find_root
+from .repository import MARKER, Repository, chain_key, find_root
 
 
 @dataclass
@@ -37,12 +38,17 @@ def split_address(address: str) -> tuple[str, str | None]:
 def open_point(address: str) -> Resolved:
     repo_path, spec_ = split_address(address)
     if spec_ is None:
-        if os.path.isfile(address):
+        try:
+            st = os.stat(address)
+        except FileNotFoundError:
+            raise PointNotFoundError(f"no such point, image file or repository: {address}") from None
+        except OSError as e:  # a disk that went away: say so, not "no such point"
+            raise RepositoryError(f"cannot read {address}: {e.strerror or e}") from e
+        if stat.S_ISREG(st.st_mode):
             return _by_file(address)
-        if os.path.isdir(address):
-            spec_ = ""
-        else:
+        if not stat.S_ISDIR(st.st_mode):
             raise PointNotFoundError(f"no such point, image file or repository: {address}")
+        spec_ = ""
     repo = Repository.open(repo_path)
     cat = repo.catalog()
     return Resolved(repo, cat, select(cat, spec_, repo_path))
@@ -50,7 +56,7 @@ def open_point(address: str) -> Resolved:
 
 def _by_file(path: str) -> Resolved:
     root = find_root(path)
-    repo = Repository.open(root)
+    repo = Repository.open(root) if os.path.isfile(os.path.join(root, MARKER)) else Repository.around(root)
     cat = repo.catalog()
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
     pid = cat.by_file.get(rel)

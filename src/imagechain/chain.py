@@ -39,6 +39,7 @@ class Catalog:
     claims: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID | None, int]] = field(default_factory=dict)  # of damaged
     problems: list[tuple[list[str], str]] = field(default_factory=list)  # (files, why): not points at all
     leftovers: list[str] = field(default_factory=list)  # temporaries of interrupted writes
+    incomplete: dict[uuid.UUID, list[str]] = field(default_factory=dict)  # published files of unfinished points
     notices: list[str] = field(default_factory=list)  # ignored copies, misnamed segments
     by_file: dict[str, uuid.UUID] = field(default_factory=dict)  # every image file -> its point id
 
@@ -190,6 +191,7 @@ def scan(store: Store, prefix: str = "") -> Catalog:
                     break
         else:
             cat.problems.append((names, a.incomplete))
+            cat.incomplete[pid] = names
     return cat
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from .sizes import human, parse_size
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # pipes: never wrap tables
 F = TypeVar("F", bound=Callable[..., Any])
+LOCK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}")
 
 
 class BarProgress:
@@ -363,6 +365,9 @@ def break_lock(repo: str, lock_ids: tuple[str, ...], force: bool) -> None:
                 click.echo(f"{n.rpartition('/')[2].removesuffix('.lock')}: {'live' if st.live else 'stale'}, {st.why}")
         return
     for lid in lock_ids:
+        if not LOCK_ID.fullmatch(lid):  # it becomes a path: nothing but a lock id of this repository
+            raise UsageError(f"{lid!r} is not a lock id (three groups of 8 hex digits, as printed by the error "
+                             f"or by break-lock {repo})")  # fmt: skip
         name = f"{LOCK_DIR}/{lid}.lock"
         st = inspect_lock(r.store, name, me)
         if st is None:

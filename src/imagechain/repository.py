@@ -33,6 +33,12 @@ class Repository:
 
     @classmethod
     def open(cls, path: str, create: bool = False) -> Repository:
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # ENOTCONN (a FUSE driver gone), EIO: the disk, not a missing folder
+            raise RepositoryError(f"cannot read repository {path}: {e.strerror or e}") from e
         if not os.path.isdir(path):
             if os.path.exists(path):
                 raise RepositoryError(f"repository is not a folder: {path}")
@@ -43,14 +49,26 @@ class Repository:
             except OSError as e:
                 raise RepositoryError(f"cannot create repository {path}: {e.strerror}") from e
         repo = cls(LocalStore(path), path)
+        if not create and not repo.store.exists(MARKER):
+            raise RepositoryError(f"{path} is not an imagechain repository (it has no {MARKER}); is the disk "
+                                  f"mounted?")  # fmt: skip
         if create and not repo.store.exists(MARKER):
             marker = {"format": "imagechain-repository", "version": 1,
                       "created": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
             repo.store.create_exclusive(MARKER, json.dumps(marker, indent=1).encode())
         return repo
 
+    @classmethod
+    def around(cls, folder: str) -> Repository:
+        """The folder holding an image file that lies outside any repository (copied alone somewhere)."""
+        return cls(LocalStore(folder), folder)
+
     def catalog(self) -> Catalog:
-        return scan(self.store)
+        try:
+            return scan(self.store)
+        except OSError as e:  # the disk went away (ENOTCONN from a dead FUSE driver, EIO): name the cause
+            raise RepositoryError(f"cannot read repository {self.display}: {e.strerror or e}"
+                                  f"{f' ({e.filename})' if e.filename else ''}") from e
 
     @staticmethod
     def chain_dir(host_name: str, host_id: bytes, source_name: str, source_id: bytes, chain: str) -> str:

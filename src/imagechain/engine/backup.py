@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import blake3
 import numpy as np
 
-from .. import __version__
+from .. import __version__, interrupts
 from ..address import select
 from ..blockmap import block_count
 from ..chain import FOLLOWS, Catalog, MapStream, describe
@@ -378,45 +378,67 @@ def prove_stored(store: Store, lin: list[PointFiles]) -> None:
 
 
 def recover_leftovers(store: Store, cat: Catalog, folder: str, note: Callable[[str], None]) -> bool:
-    """Temporaries a dead writer left in a chain folder (the caller holds the chain's lock): a set that
-    makes a whole point (its footer checks out) is published, since only the renames were missing;
-    what is provably incomplete (no footer anywhere) is removed; anything else is reported and kept."""
-    temps = [n for n in cat.leftovers if n.startswith(folder + "/")]
-    if not temps:
-        return False
-    scanned: dict[uuid.UUID, list[SegmentFile]] = {}
-    rest: list[str] = []
-    for name in temps:
+    """What a dead writer left in a chain folder (the caller holds the chain's lock): temporaries, and
+    segments renamed before their point's footer segment was. A set that makes a whole point (its
+    footer checks out) lacked only renames, so it is published; a point with no footer anywhere is
+    provably incomplete and its files are removed; anything else is reported and kept."""
+    def mine(name: str) -> bool:
+        return name.startswith(folder + "/")
+
+    groups: dict[uuid.UUID, list[SegmentFile]] = {
+        pid: [] for pid, names in cat.incomplete.items() if all(map(mine, names)) and _cut_off(store, names)
+    }
+    strays: list[str] = []  # temporaries that name no point
+    for name in filter(mine, cat.leftovers):
         sf = scan_file(store, StoreEntry(name, store.size(name)))
         if sf is None or sf.seg.number < 0:
-            rest.append(name)
+            strays.append(name)
         else:
-            scanned.setdefault(sf.seg.point_id, []).append(sf)
+            groups.setdefault(sf.seg.point_id, []).append(sf)
     changed = False
-    for pid, tfiles in scanned.items():
-        published = [scan_file(store, StoreEntry(n, store.size(n))) for n, p in cat.by_file.items() if p == pid]
-        whole = assemble(pid, [f for f in published if f is not None] + tfiles).point
-        if whole is not None and any(f in whole.segments for f in tfiles):
-            for f in whole.segments:
-                final = temporary_of(f.name)
-                if final is not None:
-                    store.rename(f.name, final)
-            for f in tfiles:
-                if f not in whole.segments:
+    with interrupts.deferred():  # a stop signal waits until this point's files are put right
+        for pid, temps in groups.items():
+            published = [scan_file(store, StoreEntry(n, store.size(n))) for n, p in cat.by_file.items() if p == pid]
+            files = [f for f in published if f is not None] + temps
+            whole = assemble(pid, files).point
+            if whole is not None:
+                for f in whole.segments:
+                    final = temporary_of(f.name)
+                    if final is not None:
+                        store.rename(f.name, final)
+                for f in temps:
+                    if f not in whole.segments:
+                        store.delete(f.name)
+                first = temporary_of(whole.segments[0].name) or whole.segments[0].name
+                note(f"published point {str(pid)[:8]} ({first}): a backup had written it whole and was stopped "
+                     f"before its last rename")  # fmt: skip
+            elif not any(f.footer is not None or "footer" in f.problem for f in files):
+                for f in files:
                     store.delete(f.name)
-            note(f"published point {str(pid)[:8]} ({whole.segments[0].name}): a backup had written it whole "
-                 f"and was stopped before its last rename")  # fmt: skip
+                note(f"removed {', '.join(f.name for f in files)}: point {str(pid)[:8]} of an interrupted backup, "
+                     f"never finished (no footer)")  # fmt: skip
+            else:
+                note(f"kept {', '.join(f.name for f in files)}: it has a footer but is not a whole point; check "
+                     f"it with imagechain verify")  # fmt: skip
+                continue
             changed = True
-        elif not any(f.footer is not None or "footer" in f.problem for f in tfiles) and whole is None:
-            rest.extend(f.name for f in tfiles)
-        else:
-            note(f"kept {', '.join(f.name for f in tfiles)}: it has a footer but is not a whole point; "
-                 f"check it with imagechain verify")  # fmt: skip
-    for name in rest:
-        store.delete(name)
-        note(f"removed {name}, left by an interrupted backup")
-        changed = True
+        for name in strays:
+            store.delete(name)
+            note(f"removed {name}, left by an interrupted backup")
+            changed = True
     return changed
+
+
+def _cut_off(store: Store, names: list[str]) -> bool:
+    """Published segments of a point whose footer segment never was: segment 0 among them and every one
+    exactly the split size, i.e. all of them middle segments, as a writer killed between its renames
+    leaves them once its temporary is lost. A finished point whose footer was damaged or cut (its last
+    segment is shorter, or the only one) does not look like this, and is kept for a person to inspect."""
+    files = [scan_file(store, StoreEntry(n, store.size(n))) for n in names]
+    first = next((f for f in files if f is not None and f.header is not None and f.seg.number == 0), None)
+    if first is None or first.header is None or not first.header.split_size:
+        return False
+    return all(f is not None and f.size == first.header.split_size for f in files)
 
 
 def _items(src: Source, bs: int, pmap: MapFile | None) -> Iterator[_Item]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 
 from ..errors import NoSpaceError, RepositoryError
@@ -71,6 +72,18 @@ def _raise_io(e: OSError, what: str) -> None:
     raise RepositoryError(f"cannot write {what}: {e.strerror or e}") from e
 
 
+SIZE_CAPS = ((1 << 31) - 1, (1 << 32) - 1)  # 2 GiB (fusefat, old FUSE and 32-bit drivers), FAT32's 4 GiB
+
+
+def size_limit_reached(err: int | None, size: int, more: int) -> bool:
+    """A refused write that means "this file cannot grow": EFBIG always; EPERM or EINVAL only when the
+    write would take the file past a well-known size cap (fusefat answers EPERM at 2 GiB), so that
+    other causes of those errors are still reported as what they are."""
+    if err == errno.EFBIG:
+        return True
+    return err in (errno.EPERM, errno.EINVAL) and any(size <= cap < size + more for cap in SIZE_CAPS)
+
+
 class _LocalWriter(AtomicWriter):
     def __init__(self, store: LocalStore, name: str) -> None:
         self.name = name
@@ -92,7 +105,7 @@ class _LocalWriter(AtomicWriter):
             try:
                 n = os.write(self._fd, view[done:])
             except OSError as e:
-                if e.errno == errno.EFBIG:
+                if size_limit_reached(e.errno, self._pos + done, len(view) - done):
                     break  # the filesystem's file-size limit: the caller opens a new segment
                 _raise_io(e, self.name)
             done += n
@@ -154,7 +167,14 @@ class LocalStore(Store):
 
     def list(self, prefix: str = "") -> Iterator[StoreEntry]:
         base = self.path(prefix)
-        for dirpath, dirnames, filenames in os.walk(base):
+        if prefix and not os.path.isdir(base):
+            return  # nothing below a folder that does not exist (yet)
+
+        def fail(e: OSError) -> None:  # a listing that skips what it cannot read would hide points
+            if not (isinstance(e, FileNotFoundError) and e.filename != base):  # a subfolder removed meanwhile
+                raise e
+
+        for dirpath, dirnames, filenames in os.walk(base, onerror=fail):
             dirnames.sort()
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
             rel = "" if rel == "." else rel + "/"
@@ -162,9 +182,9 @@ class LocalStore(Store):
                 full = os.path.join(dirpath, fn)
                 try:
                     st = os.stat(full, follow_symlinks=False)
-                except OSError:
-                    continue
-                if os.path.isfile(full) and not os.path.islink(full):
+                except FileNotFoundError:
+                    continue  # removed meanwhile; any other error is the repository's, and is raised
+                if stat.S_ISREG(st.st_mode):
                     yield StoreEntry(rel + fn, st.st_size)
 
     def open(self, name: str) -> RandomReader:

@@ -665,7 +665,7 @@ class Bench:
         log(f"timed steps (page cache dropped before each); settle read took {time.perf_counter() - t:.2f} s")
         self.cold_read("read0/baseline", "cold read")
         full = self.timed("full/imagechain", "full backup", "imagechain",
-                          [self.ic("backup", str(self.img), str(repo), "--json",
+                          [self.ic("backup", str(self.img), str(repo), "--init", "--json",
                                    *(["--block-size", self.args.block_size] if self.args.block_size else []))],
                           stdout=self.logs / "full-imagechain.json", grows=repo)  # fmt: skip
         fj = self.ic_json("full/imagechain")

@@ -112,7 +112,7 @@ def run(exe: str, apparent: int, data: int, work: Path, seed: int) -> dict[str, 
     env_cache = work / "cache"
     os.environ["IMAGECHAIN_CACHE"] = str(env_cache)
     res: dict[str, object] = {"apparent": apparent, "data": len(offsets) * REGION}
-    res["full"] = step(exe, "backup", vol, repo)
+    res["full"] = step(exe, "backup", vol, repo, "--init")
     with open(vol, "r+b") as f:  # change 1% of the data, in place
         for off in offsets[:: max(1, len(offsets) // 4)]:
             f.seek(off + 4096)

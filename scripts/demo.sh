@@ -20,7 +20,7 @@ umount "$MNT"
 df_used=$(du -sh --apparent-size "$VOL" | cut -f1); echo "volume: $VOL ($df_used)"
 
 say "full backup"
-imagechain backup "$VOL" "$REPO" --chain daily
+imagechain backup "$VOL" "$REPO" --chain daily --init
 
 say "change some files, then an incremental backup"
 mount -o loop "$VOL" "$MNT"

@@ -39,8 +39,11 @@ def assert_portable(repo: Path) -> None:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Iterator[Path]:
-    """A repository folder; checked for portable names after the test."""
+    """A repository (made as `imagechain init` makes it); checked for portable names after the test."""
+    from imagechain.repository import Repository
+
     p = tmp_path / "repo"
+    Repository.open(str(p), create=True)
     yield p
     if p.exists():
         assert_portable(p)

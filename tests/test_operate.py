@@ -15,6 +15,7 @@ from imagechain.address import open_point
 from imagechain.engine.backup import backup
 from imagechain.engine.restore import restore
 from imagechain.errors import SourceError, TargetError, UsageError
+from imagechain.repository import Repository
 
 from .conftest import exe, write_volume
 
@@ -268,7 +269,7 @@ def test_a_repository_whose_disk_went_away_is_a_repository_error(tmp_path: Path)
     with fuse_disk(tmp_path, "exfat") as disk:
         mnt = disk.mount(tmp_path / "usb")
         repo = mnt / "repo"
-        assert ic("backup", vol, repo).returncode == 0
+        assert ic("backup", vol, repo, "--init").returncode == 0
         for pid in _daemons(str(mnt)):  # the FUSE driver dies: "Transport endpoint is not connected"
             os.kill(pid, sig.SIGKILL)
         for cmd in (("list", repo), ("verify", repo), ("backup", vol, repo)):
@@ -309,3 +310,32 @@ def test_a_write_refused_at_a_size_cap_starts_a_new_segment(tmp_path: Path, repo
     assert out.read_bytes() == vol.read_bytes()
     assert local.size_limit_reached(errno.EPERM, cap - 10, 100)
     assert not local.size_limit_reached(errno.EPERM, 10, 100)  # far from a cap: a real permission error
+
+
+def test_creating_a_repository_is_explicit(tmp_path: Path) -> None:
+    vol = tmp_path / "vol.img"
+    write_volume(vol, MiB, seed=12)
+    mountpoint = tmp_path / "media" / "usb"  # a mount point whose disk is not mounted: an empty folder
+    mountpoint.mkdir(parents=True)
+    line = one_line(ic("backup", vol, mountpoint), 4)
+    assert "not an imagechain repository" in line and "mounted" in line and "imagechain init" in line, line
+    assert not list(mountpoint.iterdir())  # nothing was written there
+    line = one_line(ic("backup", vol, tmp_path / "missing"), 4)
+    assert "not found" in line and not (tmp_path / "missing").exists(), line
+    assert ic("init", mountpoint).returncode == 0 and (mountpoint / "imagechain.json").exists()
+    assert ic("init", mountpoint).returncode == 0  # once more: harmless
+    assert ic("backup", vol, mountpoint).returncode == 0
+    assert ic("backup", vol, tmp_path / "new" / "repo", "--init").returncode == 0
+
+
+def test_first_backups_racing_to_create_one_repository_all_succeed(tmp_path: Path) -> None:
+    vol = tmp_path / "vol.img"
+    write_volume(vol, MiB, seed=13)
+    repo = tmp_path / "fresh"
+    procs = [subprocess.Popen([exe(), "backup", str(vol), str(repo), "--init", "--chain", f"c{i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+             for i in range(4)]  # fmt: skip
+    for p in procs:
+        _out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert len(Repository.open(str(repo)).catalog().points) == 4

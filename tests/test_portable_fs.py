@@ -100,7 +100,7 @@ def test_two_machines_share_a_disk_that_moves(tmp_path: Path, kind: str) -> None
     def step(n: str, repo: Path, data: bytes) -> BackupResult:
         vols[n].write_bytes(data)
         want[n].append(data)
-        r = backup(str(vols[n]), str(repo), host=hosts[n], source_name="disk", cache_dir=caches[n])
+        r = backup(str(vols[n]), str(repo), init=True, host=hosts[n], source_name="disk", cache_dir=caches[n])
         got[n].append(r)
         return r
 
@@ -204,8 +204,8 @@ def test_fat32_split_points(tmp_path: Path) -> None:
     with fuse_disk(tmp_path, "vfat") as disk:
         mnt = disk.mount(tmp_path / "usb")
         repo = mnt / "repo"
-        r = backup(str(vol), str(repo), split_size=split, codec=CodecParams.parse("none"), host=local_host("alpha"),
-                   source_name="disk")  # fmt: skip
+        r = backup(str(vol), str(repo), init=True, split_size=split, codec=CodecParams.parse("none"),
+                   host=local_host("alpha"), source_name="disk")  # fmt: skip
         assert len(r.files) >= 7, r.files
         sizes = repo_files(repo)
         assert max(sizes.values()) <= split, sizes
@@ -276,14 +276,14 @@ def test_filesystem_detection_and_automatic_split(tmp_path: Path, kind: str) -> 
         def split_of(r: BackupResult) -> int:
             return open_point(f"{repo}::{r.point_id[:8]}").point.header.split_size
 
-        r0 = backup(str(vol), str(repo), host=host)
+        r0 = backup(str(vol), str(repo), init=True, host=host)
         assert Repository.open(str(repo)).store.filesystem() == kind
         assert split_of(r0) == auto
-        r1 = backup(str(vol), str(repo), host=host)
+        r1 = backup(str(vol), str(repo), init=True, host=host)
         assert r1.kind == "incremental" and split_of(r1) == auto
-        assert split_of(backup(str(vol), str(repo), host=host, chain="zero", split_size=0)) == auto
+        assert split_of(backup(str(vol), str(repo), init=True, host=host, chain="zero", split_size=0)) == auto
         huge = 8 << 30
-        assert split_of(backup(str(vol), str(repo), host=host, chain="huge", split_size=huge)) == (
+        assert split_of(backup(str(vol), str(repo), init=True, host=host, chain="huge", split_size=huge)) == (
             FAT_SPLIT if kind == "vfat" else huge
         )
         info = cli("info", "--json", f"{repo}::alpha/disk.img/default")
@@ -319,7 +319,7 @@ def test_hostile_names(tmp_path: Path, kind: str) -> None:
         repo = disk.mount(tmp_path / "usb") / "repo"
         results = {}
         for h, s, c in combos:
-            r = backup(str(vol), str(repo), host=local_host(h), source_name=s, chain=c)
+            r = backup(str(vol), str(repo), init=True, host=local_host(h), source_name=s, chain=c)
             assert r.kind == "full" and (r.host, r.source, r.chain) == (h, s, c)
             results[(h, s, c)] = r
         # case variants are separate chains, in separate folders
@@ -333,9 +333,9 @@ def test_hostile_names(tmp_path: Path, kind: str) -> None:
         # each continues its own chain: a change backed up into "Daily" only
         second = mutate(first, [1], seed=1)
         vol.write_bytes(second)
-        r = backup(str(vol), str(repo), host=local_host("C:\\x"), source_name="a\\b", chain="Daily")
+        r = backup(str(vol), str(repo), init=True, host=local_host("C:\\x"), source_name="a\\b", chain="Daily")
         assert (r.kind, r.chain_id, r.changed_blocks) == ("incremental", Daily.chain_id, 1)
-        r = backup(str(vol), str(repo), host=local_host("alpha"), source_name=LONG, chain="a\\b")
+        r = backup(str(vol), str(repo), init=True, host=local_host("alpha"), source_name=LONG, chain="a\\b")
         assert (r.kind, r.chain_id) == ("incremental", alpha.chain_id)
 
         rels = list(repo_files(repo))
@@ -370,7 +370,7 @@ def test_cloned_machines_keep_separate_chains(tmp_path: Path, repo: Path, monkey
     def as_machine(mid: str, data: bytes) -> BackupResult:
         monkeypatch.setenv("IMAGECHAIN_MACHINE_ID", mid)
         vol.write_bytes(data)
-        return backup(str(vol), str(repo))
+        return backup(str(vol), str(repo), init=True)
 
     a0 = as_machine("clone-a", v0)
     b0 = as_machine("clone-b", v0)
@@ -409,7 +409,7 @@ class Hold:  # stops the backup in the middle, with the chain lock held and a te
     def stop(self): pass
     def notice(self, m): pass
 
-backup(sys.argv[1], sys.argv[2], host=local_host("alpha"), progress=Hold())
+backup(sys.argv[1], sys.argv[2], init=True, host=local_host("alpha"), progress=Hold())
 """
 
 
@@ -512,7 +512,7 @@ def _expect_live(repo: Path, vol: Path, lock: Path) -> None:
 
 def _expect_stale(repo: Path, vol: Path, lock: Path) -> None:
     with pytest.raises(LockedError) as ei:
-        backup(str(vol), str(repo), host=local_host("alpha"))
+        backup(str(vol), str(repo), init=True, host=local_host("alpha"))
     assert lock.exists()
     command = re.search(r"imagechain break-lock .*$", str(ei.value))
     assert command is not None and lock.stem in command.group(0), str(ei.value)
@@ -524,7 +524,7 @@ def _expect_stale(repo: Path, vol: Path, lock: Path) -> None:
 def test_live_and_stale_locks(tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     vol = tmp_path / "disk.img"
     write_volume(vol, 1 << 20, seed=6)
-    assert backup(str(vol), str(repo), host=local_host("alpha")).kind == "full"
+    assert backup(str(vol), str(repo), init=True, host=local_host("alpha")).kind == "full"
 
     # a live process of this machine
     sleeper = subprocess.Popen(["sleep", "300"])
@@ -561,6 +561,6 @@ def test_live_and_stale_locks(tmp_path: Path, repo: Path, monkeypatch: pytest.Mo
     time.sleep(3.1)
     _expect_stale(repo, vol, lock)
 
-    r = backup(str(vol), str(repo), host=local_host("alpha"))
+    r = backup(str(vol), str(repo), init=True, host=local_host("alpha"))
     assert r.kind == "incremental" and r.sequence == 1
     assert not _lock_files(repo)

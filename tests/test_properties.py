@@ -229,7 +229,7 @@ def test_chain_restores_every_step(size: int, seed: int, bs: int, steps: list, c
         results: list[BackupResult] = []
         for i, data in enumerate(history):
             vol.write_bytes(data)
-            r = backup(str(vol), str(repo), block_size=bs if i == 0 else None,
+            r = backup(str(vol), str(repo), init=True, block_size=bs if i == 0 else None,
                        cache_dir=cache_arg(cache, tmp), threads=threads)  # fmt: skip
             check_result(r, history[i - 1] if i else None, data, bs, i)
             results.append(r)
@@ -299,7 +299,7 @@ def test_chain_survives_moves_and_renames(size: int, seed: int, bs: int, split: 
             history.append(apply(history[-1], op, history))
         assume(all(map(unrecognisable, history)))
 
-        r = backup(str(vol), str(repo), block_size=bs, split_size=split, cache_dir=cache_arg(cache, tmp))
+        r = backup(str(vol), str(repo), init=True, block_size=bs, split_size=split, cache_dir=cache_arg(cache, tmp))
         check_result(r, None, history[0], bs, 0)
         chain_id, ids = r.chain_id, [r.point_id]
         for i, (_, (move_repo, plan)) in enumerate(steps, start=1):
@@ -310,7 +310,7 @@ def test_chain_survives_moves_and_renames(size: int, seed: int, bs: int, split: 
                 repo = new
             move_files(repo, plan, i)
             vol.write_bytes(history[i])
-            r = backup(str(vol), str(repo), cache_dir=cache_arg(cache, tmp))
+            r = backup(str(vol), str(repo), init=True, cache_dir=cache_arg(cache, tmp))
             assert r.chain_id == chain_id  # the moved files are still the chain this backup continues
             check_result(r, history[i - 1], history[i], bs, i)
             ids.append(r.point_id)
@@ -370,7 +370,7 @@ def test_two_chains_interleaved(size: int, seed: int, bs_daily: int, bs_weekly: 
                 before = repo_files(repo) if repo.exists() else {}
                 mine = points[name]
                 prev = history[mine[-1][0]] if mine else None
-                r = backup(str(vol), str(repo), chain=name, block_size=None if mine else bs[name],
+                r = backup(str(vol), str(repo), init=True, chain=name, block_size=None if mine else bs[name],
                            cache_dir=cache_arg(cache, tmp))  # fmt: skip
                 # changes are counted against this chain's own last point, whatever the other one did
                 check_result(r, prev, data, bs[name], len(mine))
@@ -414,7 +414,8 @@ def test_delta_restore_writes_only_differing_blocks(size: int, seed: int, bs: in
         assume(all(map(unrecognisable, history)))
         for i, data in enumerate(history):
             vol.write_bytes(data)
-            r = backup(str(vol), str(repo), block_size=bs if i == 0 else None, cache_dir=cache_arg(cache, tmp))
+            r = backup(str(vol), str(repo), init=True, block_size=bs if i == 0 else None,
+                       cache_dir=cache_arg(cache, tmp))  # fmt: skip
             check_result(r, history[i - 1] if i else None, data, bs, i)
 
         target = tmp / "target.img"
@@ -470,7 +471,7 @@ def test_trees_restore_across_chunk_frame_and_window_boundaries(size: int, seed:
         tmp = Path(td)
         vol, repo = tmp / "vol.img", tmp / "repo"
         history = [write_volume(vol, size, seed)]
-        r = backup(str(vol), str(repo), block_size=bs, cache_dir=None)
+        r = backup(str(vol), str(repo), init=True, block_size=bs, cache_dir=None)
         points = [r.point_id]
         parents: list[int | None] = [None]
         for pick, op in steps:
@@ -478,7 +479,8 @@ def test_trees_restore_across_chunk_frame_and_window_boundaries(size: int, seed:
             data = apply(history[base], op, history)
             assume(unrecognisable(data))
             vol.write_bytes(data)
-            r = backup(str(vol), str(repo), parent=points[base][:13], cache_dir=None if pick % 2 else str(tmp / "c"))
+            r = backup(str(vol), str(repo), init=True, parent=points[base][:13],
+                       cache_dir=None if pick % 2 else str(tmp / "c"))  # fmt: skip
             assert r.parent_id == points[base] and r.kind == "incremental"
             history.append(data)
             points.append(r.point_id)

@@ -316,7 +316,7 @@ def test_a_stop_in_the_first_instant_is_one_line(tmp_path: Path, repo: Path, del
     _out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
     if proc.returncode == -signal.SIGINT:  # before the interpreter ran any code: like any program, nothing done
-        assert err == "" and not repo.exists(), err
+        assert err == "" and files_in(repo) == {MARKER}, err
     elif proc.returncode != 0:
         assert proc.returncode == 130, (proc.returncode, err)
         (line,) = err.strip().splitlines()
@@ -567,7 +567,7 @@ def _remade_full(tmp_path: Path, chain: Chain, monkeypatch: pytest.MonkeyPatch, 
         chain_id = open_point(str(chain.files["full"])).point.header.chain_id.hex
         ids = iter([uuid.UUID(chain_id), uuid.UUID(chain.ids["full"])])
         monkeypatch.setattr(uuid, "uuid4", lambda: next(ids))
-    r = backup(str(vol), str(other_repo))
+    r = backup(str(vol), str(other_repo), init=True)
     monkeypatch.undo()
     assert (r.point_id == chain.ids["full"]) == same_ids
     return other_repo / r.files[0]
@@ -653,7 +653,7 @@ def test_unreadable_source(tmp_path: Path, repo: Path, small_vol: tuple[Path, by
                         str(repo)], capture_output=True, text=True, env=dict(os.environ), timeout=60)  # fmt: skip
     line = one_line_error(p, 3)
     assert "Permission denied" in line and str(src) in line, line
-    assert not repo.exists()
+    assert files_in(repo) == {MARKER}
 
 
 def test_repository_not_writable(tmp_path: Path, small_vol: tuple[Path, bytes]) -> None:
@@ -669,7 +669,7 @@ def test_repository_not_writable(tmp_path: Path, small_vol: tuple[Path, bytes]) 
         assert str(ro / "repo") in line
     with tmpfs(tmp_path / "rw", "size=8m") as rw:
         repo = rw / "repo"
-        first = json.loads(ic_ok("backup", vol, repo, "--json").stdout)
+        first = json.loads(ic_ok("backup", vol, repo, "--init", "--json").stdout)
         subprocess.run(["mount", "-o", "remount,ro", str(rw)], check=True)
         vol.write_bytes(content[:-BS] + bytes(BS))
         one_line_error(ic("backup", vol, repo), 4)
@@ -684,7 +684,7 @@ def test_full_disk(tmp_path: Path, small_vol: tuple[Path, bytes]) -> None:
     vol, small = small_vol
     with tmpfs(tmp_path / "usb", "size=8m") as mnt:
         repo = mnt / "repo"
-        first = json.loads(ic_ok("backup", vol, repo, "--json", "--compression", "none").stdout)
+        first = json.loads(ic_ok("backup", vol, repo, "--init", "--json", "--compression", "none").stdout)
         big = os.urandom(32 << 20)
         vol.write_bytes(big)
         line = one_line_error(ic("backup", vol, repo), 10)
@@ -711,7 +711,7 @@ def test_bad_arguments(tmp_path: Path, repo: Path, small_vol: tuple[Path, bytes]
     line = one_line_error(ic("backup", small_vol[0], repo, *args), 2)
     what = {"--block-size": "block size", "--split-size": "split size", "--compression": "zstd"}[args[0]]
     assert args[1] in line or what in line, line
-    assert not repo.exists(), "a bad argument must be refused before anything is written"
+    assert files_in(repo) == {MARKER}, "a bad argument must be refused before anything is written"
 
 
 def test_bad_restore_targets(tmp_path: Path, repo: Path, small_vol: tuple[Path, bytes]) -> None:

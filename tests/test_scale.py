@@ -73,7 +73,7 @@ def test_sparse_64_gib_image_backs_up_and_restores_in_bounded_memory(tmp_path: P
         for at in regions:
             f.seek(at)
             f.write(os.urandom(2 << 20))
-    _, rss_full = run_measured("backup", vol, repo, "--json")
+    _, rss_full = run_measured("backup", vol, repo, "--init", "--json")
     with open(vol, "r+b") as f:
         f.seek(17 * GiB + 4096)
         f.write(os.urandom(300_000))

@@ -586,7 +586,7 @@ def test_info_lines_are_not_wrapped_in_a_pipe(tmp_path: Path) -> None:
     assert len(str(repo)) > 100
     data = os.urandom(3 * MIB)
     vol.write_bytes(data)
-    backup(str(vol), str(repo), split_size=MIB)
+    backup(str(vol), str(repo), split_size=MIB, init=True)
     vol.write_bytes(data[:BS] + os.urandom(BS) + data[2 * BS :])
     backup(str(vol), str(repo))
     data = os.urandom(3 * MIB)  # nearly everything changes: the incremental is split too

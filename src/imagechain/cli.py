@@ -123,6 +123,7 @@ def main(debug: bool) -> None:
 @click.option("--host", "host_name", help="Host identity to file the backup under (default: this machine).")
 @click.option("--source-name", help="Back the source up under this name, as a source of its own (default: the "
               "file or device name).")
+@click.option("--init", "init", is_flag=True, help="Create the repository if REPO is not one yet.")
 @click.option("--allow-mounted", is_flag=True, help="Image a source whose filesystem is mounted read-write "
               "(the point is marked: it may not be consistent).")
 @click.option("--source-moved", is_flag=True, help="The source is the chain's volume on another device or file "
@@ -131,7 +132,7 @@ def main(debug: bool) -> None:
 @handle_errors
 def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, block_size: str | None,
            compression: str | None, split_size: str | None, host_name: str | None, source_name: str | None,
-           allow_mounted: bool, source_moved: bool, as_json: bool) -> None:  # fmt: skip
+           init: bool, allow_mounted: bool, source_moved: bool, as_json: bool) -> None:  # fmt: skip
     """Back up SOURCE (image file or block device) into the repository folder REPO."""
     res = run_backup(
         source, repo, chain=chain, full=full, parent=parent,
@@ -139,7 +140,7 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
         codec=CodecParams.parse(compression) if compression else None,
         split_size=_size_option(split_size, check_split_size),
         host=local_host(host_name) if host_name is not None else None, source_name=source_name,
-        source_moved=source_moved, allow_mounted=allow_mounted,
+        source_moved=source_moved, allow_mounted=allow_mounted, init=init,
         progress=BarProgress(not as_json),
     )  # fmt: skip
     if as_json:
@@ -189,6 +190,15 @@ def _flags(row: dict[str, Any], gen_tips: int) -> str:
     if "summary_problem" in row:
         out.append("summary damaged")
     return ", ".join(out)
+
+
+@main.command()
+@click.argument("repo")
+@handle_errors
+def init(repo: str) -> None:
+    """Make REPO (a folder, created if missing) an imagechain repository; harmless if it is one."""
+    Repository.open(repo, create=True)
+    click.echo(f"{repo} is an imagechain repository")
 
 
 @main.command(name="list")

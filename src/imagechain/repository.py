@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from datetime import UTC, datetime
 
 import blake3
@@ -33,29 +34,33 @@ class Repository:
 
     @classmethod
     def open(cls, path: str, create: bool = False) -> Repository:
+        """The repository at path. Only with create (imagechain init, backup --init) is a missing folder
+        made or a folder without the marker turned into a repository: an empty mount point whose disk is
+        not mounted must not quietly become one on the root filesystem."""
         try:
             os.stat(path)
         except FileNotFoundError:
             pass
         except OSError as e:  # ENOTCONN (a FUSE driver gone), EIO: the disk, not a missing folder
             raise RepositoryError(f"cannot read repository {path}: {e.strerror or e}") from e
+        how = f"create one with: imagechain init {shlex.quote(path)} (or backup --init)"
         if not os.path.isdir(path):
             if os.path.exists(path):
                 raise RepositoryError(f"repository is not a folder: {path}")
             if not create:
-                raise RepositoryError(f"repository not found: {path}")
+                raise RepositoryError(f"repository not found: {path}; {how}")
             try:
-                os.makedirs(path)
+                os.makedirs(path, exist_ok=True)  # two first backups may race here: both go on
             except OSError as e:
                 raise RepositoryError(f"cannot create repository {path}: {e.strerror}") from e
         repo = cls(LocalStore(path), path)
-        if not create and not repo.store.exists(MARKER):
-            raise RepositoryError(f"{path} is not an imagechain repository (it has no {MARKER}); is the disk "
-                                  f"mounted?")  # fmt: skip
-        if create and not repo.store.exists(MARKER):
+        if not repo.store.exists(MARKER):
+            if not create:
+                raise RepositoryError(f"{path} is not an imagechain repository (it has no {MARKER}); is the disk "
+                                      f"mounted? ({how})")  # fmt: skip
             marker = {"format": "imagechain-repository", "version": 1,
                       "created": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
-            repo.store.create_exclusive(MARKER, json.dumps(marker, indent=1).encode())
+            repo.store.create_exclusive(MARKER, json.dumps(marker, indent=1).encode())  # False: a racer made it
         return repo
 
     @classmethod

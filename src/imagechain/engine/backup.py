@@ -139,6 +139,7 @@ def backup(
     source_name: str | None = None,
     source_moved: bool = False,
     allow_mounted: bool = False,
+    init: bool = False,
     cache_dir: str | None = "",
     threads: int | None = None,
     progress: Progress | None = None,
@@ -163,7 +164,7 @@ def backup(
     cache = default_cache_dir() if cache_dir == "" else cache_dir
     with open_source(source_path, source_name) as src:
         mounted = check_not_mounted(src, allow_mounted, progress)
-        repo = Repository.open(repo_path, create=True)
+        repo = Repository.open(repo_path, create=init)
         what = f"chain {chain!r} of {src.name} on {host.name}"
         lock = ChainLock(repo.store, repo.lock_name(host.host_id, src.source_id, chain), host, what, repo_path)
         with lock:

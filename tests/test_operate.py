@@ -339,3 +339,22 @@ def test_first_backups_racing_to_create_one_repository_all_succeed(tmp_path: Pat
         _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     assert len(Repository.open(str(repo)).catalog().points) == 4
+
+
+def test_list_tells_machines_apart_and_host_slash_chain(tmp_path: Path, repo: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    vol = tmp_path / "vol.img"
+    write_volume(vol, MiB, seed=14)
+    ids = []
+    for machine in ("machine-a", "machine-b"):  # the same host name ("vm"), two machines
+        monkeypatch.setenv("IMAGECHAIN_MACHINE_ID", machine)
+        ids.append(backup(str(vol), str(repo)).point_id)
+    out = ic("list", repo).stdout
+    titles = [ln for ln in out.splitlines() if " / " in ln]
+    assert len(titles) == 2 and len({t.split("(")[1].split(")")[0] for t in titles}) == 2, out
+    assert all("1 point(s)" in t for t in titles), titles
+    from imagechain.identity import local_host
+
+    r = backup(str(vol), str(repo), host=local_host("alpha"), chain="daily")
+    assert str(open_point(f"{repo}::alpha/daily").point.point_id) == r.point_id  # HOST/CHAIN
+    assert str(open_point(f"{repo}::alpha/vol.img/daily").point.point_id) == r.point_id

@@ -553,6 +553,26 @@ def test_damaged_block_superseded_by_the_child_only_fails_the_parent(tmp_path: P
     line = one_line_error(ic("restore", f"{repo}::{chain.ids['full'][:8]}", tmp_path / "full.img"), 7)
     assert chain.rel("full") in line and f"block {int(e['block'])}" in line
     assert not (tmp_path / "full.img").exists()
+    assert {p.point_id: p.ok for p in rep.points} == {chain.ids["full"]: False, chain.ids["incr"]: True}
+
+
+def test_a_damaged_block_the_child_still_uses_fails_the_child_too(tmp_path: Path, repo: Path) -> None:
+    """verify says which later points cannot be restored because of a damaged block of an earlier one."""
+    chain = make_chain(tmp_path, repo)
+    res = open_point(str(chain.files["full"]))
+    with PointReader(res.repo.store, res.point) as r:
+        idx = r.index()
+    e = next(e for e in idx if int(e["block"]) not in chain.changed and e["kind"] == spec.BLOCK_DATA)
+    flip(chain.files["full"], spec.SEGMENT_HEADER_SIZE + int(e["offset"]) + 5)
+    rep = verify(Repository.open(str(repo)))
+    mine = {p.point_id: p for p in rep.points}
+    child = mine[chain.ids["incr"]]
+    assert not child.ok and child.bad_blocks == [], child
+    assert any("cannot be restored" in t and str(int(e["block"])) in t and chain.ids["full"][:8] in t
+               for t in child.problems), child.problems  # fmt: skip
+    v = ic("verify", repo)
+    assert v.returncode == 7 and v.stdout.count("FAILED") == 2, v.stdout
+    one_line_error(ic("restore", f"{repo}::{chain.ids['incr'][:8]}", tmp_path / "incr.img"), 7)
 
 
 def _remade_full(tmp_path: Path, chain: Chain, monkeypatch: pytest.MonkeyPatch, same_ids: bool) -> Path:

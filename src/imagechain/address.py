@@ -90,7 +90,8 @@ def _chain_hits(cat: Catalog, path: str) -> dict[tuple[bytes, bytes, str], list[
     parts = path.split("/") if path else []
     if len(parts) > 3:
         raise UsageError(f"address {path!r} has more than HOST/SOURCE/CHAIN")
-    host_q, source_q, chain_q = [None] * (3 - len(parts)) + parts
+    given: list[str | None] = [p or None for p in parts]  # HOST//CHAIN: any source
+    host_q, source_q, chain_q = [None] * (3 - len(given)) + given
     out: dict[tuple[bytes, bytes, str], list[PointFiles]] = {}
     for (host_id, source_id, cn), gens in cat.named_chains().items():
         meta = gens[0][0].header.metadata
@@ -119,6 +120,8 @@ def select(cat: Catalog, spec_: str, repo_display: str) -> PointFiles:
     path = path.strip("/")
     hits, damaged = _id_hits(cat, path)
     chains = _chain_hits(cat, path)
+    if not chains and path.count("/") == 1:  # HOST/CHAIN, when no SOURCE/CHAIN matches
+        chains = _chain_hits(cat, path.replace("/", "//"))
     if (hits or damaged) and chains:
         raise AmbiguousPointError(
             f"{path!r} is both a point id prefix ({', '.join(str(p.point_id)[:8] for p in hits) or 'a damaged point'}) "

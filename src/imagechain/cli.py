@@ -224,9 +224,12 @@ def list_(repo: str, as_json: bool) -> None:
         return
     if not rows and not cat.damaged:
         out.print(f"no points in {repo}")
-    for pts, gen_tips in zip(rows, tips, strict=True):
+    for pts, gen_tips, gen in zip(rows, tips, gens, strict=True):
         first = pts[0]
-        t = Table(title=f"{first['host']} / {first['source']} / {first['chain']}  (chain {first['chain_id'][:8]})",
+        host8 = gen[0].header.host_id.hex()[:8]  # two machines may share a host name
+        total = sum(p["file_bytes"] for p in pts)
+        t = Table(title=f"{first['host']} ({host8}) / {first['source']} / {first['chain']}  (chain "
+                        f"{first['chain_id'][:8]}: {len(pts)} point(s), {human(total)})",
                   title_justify="left", box=None)  # fmt: skip
         for col in ("#", "created", "kind", "volume", "changed", "stored", "point", "parent", ""):
             t.add_column(col, justify="right" if col in ("#", "volume", "changed", "stored") else "left")

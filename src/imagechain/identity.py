@@ -22,7 +22,8 @@ class HostIdentity:
     machine: str  # the machine fingerprint this process runs on (for lock liveness checks)
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
+    """A small system file (machine-id, boot id), stripped; '' when unreadable."""
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             return f.read().strip()
@@ -35,8 +36,8 @@ def machine_fingerprint() -> str:
     override = os.environ.get("IMAGECHAIN_MACHINE_ID")
     if override:
         return override
-    mid = next((v for v in map(_read, MACHINE_ID_FILES) if v), "")
-    return f"{mid}/{_read(PRODUCT_UUID_FILE)}"
+    mid = next((v for v in map(read_text, MACHINE_ID_FILES) if v), "")
+    return f"{mid}/{read_text(PRODUCT_UUID_FILE)}"
 
 
 def local_host(name: str | None = None) -> HostIdentity:

@@ -28,7 +28,7 @@ import blake3
 
 from . import interrupts
 from .errors import LockedError, RepositoryError, UsageError
-from .identity import HostIdentity
+from .identity import HostIdentity, read_text
 from .mapcache import default_cache_dir
 from .stores import Store
 
@@ -73,17 +73,9 @@ def default_seen_dir() -> str:
 # -- this machine's processes ----------------------------------------------------------------------
 
 
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def boot_id() -> str:
     """Random per boot of the kernel; shared by every container on it. '' when unknown."""
-    return _read_text(BOOT_ID_FILE)
+    return read_text(BOOT_ID_FILE)
 
 
 def pid_namespace() -> str:
@@ -95,7 +87,7 @@ def pid_namespace() -> str:
 
 
 def _boot_time() -> float | None:
-    for line in _read_text("/proc/stat").splitlines():
+    for line in read_text("/proc/stat").splitlines():
         if line.startswith("btime "):
             try:
                 return float(line.split()[1])

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..blockmap import BlockMap
+from ..blockmap import BlockMap, expand_blocks
 from ..chain import Catalog, MapStream, describe
 from ..codec import decode
 from ..errors import ImagechainError, IntegrityError
@@ -94,7 +94,35 @@ def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | N
             report.points.append(rep)
     finally:
         progress.stop()
+    reports = {r.point_id: r for r in report.points}
+    for p in targets:
+        bad = reports[str(p.point_id)].bad_blocks
+        if bad:
+            _blame_descendants(repo, cat, p, p, np.array(bad, np.int64), reports)
     return report
+
+
+def _blame_descendants(repo: Repository, cat: Catalog, damaged: PointFiles, parent: PointFiles,
+                       bad: np.ndarray, reports: dict[str, PointReport]) -> None:  # fmt: skip
+    """A point restores from its ancestors' payloads: each descendant that still takes one of the damaged
+    blocks (no point in between stored it anew) cannot be restored either, and is reported so."""
+    for child in cat.children.get(parent.point_id, []):
+        rep = reports.get(str(child.point_id))
+        if rep is None:
+            continue
+        left = bad[bad < child.header.block_count]
+        with PointReader(repo.store, child) as r:
+            try:
+                for ent in r.iter_index():
+                    left = left[~np.isin(left, expand_blocks(ent))]
+            except ImagechainError:
+                continue  # the child's own index problem is reported by its own check
+        if len(left):
+            shown = ", ".join(map(str, left[:20].tolist())) + (" ..." if len(left) > 20 else "")
+            rep.problems.append(f"cannot be restored: {len(left)} block(s) it takes from {describe(damaged)} "
+                                f"are damaged: {shown}")  # fmt: skip
+            rep.ok = False
+            _blame_descendants(repo, cat, damaged, child, left, reports)
 
 
 def _prove_maps(repo: Repository, cat: Catalog, targets: list[PointFiles]) -> dict[uuid.UUID, str]:

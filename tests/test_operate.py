@@ -150,6 +150,8 @@ def test_restore_refuses_to_overwrite_the_repository(tmp_path: Path, repo: Path)
     line = one_line(ic("restore", f"{repo}::default", link, "--force"), 8)
     assert "repository file" in line, line
     assert own.read_bytes() == before
+    line = one_line(ic("restore", f"{repo}::default", repo / "restored.img"), 8)  # nor a new file in it
+    assert "inside the repository" in line and not (repo / "restored.img").exists(), line
 
 
 def test_json_errors_are_json_on_stdout(tmp_path: Path, repo: Path) -> None:

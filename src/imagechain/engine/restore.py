@@ -149,7 +149,10 @@ def restore(
     except BaseException as exc:
         results.close()  # stop the pipeline before the target goes
         feed.close()
-        raise tgt.failed(exc, written) from exc
+        err = tgt.failed(exc, written)
+        if err is exc:
+            raise
+        raise err from exc
     finally:
         results.close()
         feed.close()
@@ -231,6 +234,7 @@ class Target:
         try:
             st = os.stat(path)
         except FileNotFoundError:
+            _refuse_repository_file(path, None, repo)
             folder = os.path.dirname(os.path.abspath(path))
             tmp = os.path.join(folder, f"{os.path.basename(path)}{TEMP_MARK}{secrets.token_hex(4)}")
             try:
@@ -338,7 +342,7 @@ def _refuse_mounted(path: str, allow: bool, notes: list[str] | None) -> None:
         notes.append(f"{evidence}: overwriting it anyway (--overwrite-mounted)")
 
 
-def _refuse_repository_file(path: str, st: os.stat_result, repo: Repository) -> None:
+def _refuse_repository_file(path: str, st: os.stat_result | None, repo: Repository) -> None:
     """Restoring over the repository's own files would destroy the backup being read."""
     root = getattr(repo.store, "root", None)
     if root is None:
@@ -346,6 +350,8 @@ def _refuse_repository_file(path: str, st: os.stat_result, repo: Repository) -> 
     real, top = os.path.realpath(path), os.path.realpath(root)
     if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
         raise TargetError(f"restore target {path} is inside the repository being read ({repo.display})")
+    if st is None:
+        return
     for entry in repo.store.list():
         try:
             other = os.stat(os.path.join(top, *entry.name.split("/")))

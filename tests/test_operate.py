@@ -360,3 +360,75 @@ def test_list_tells_machines_apart_and_host_slash_chain(tmp_path: Path, repo: Pa
     r = backup(str(vol), str(repo), host=local_host("alpha"), chain="daily")
     assert str(open_point(f"{repo}::alpha/daily").point.point_id) == r.point_id  # HOST/CHAIN
     assert str(open_point(f"{repo}::alpha/vol.img/daily").point.point_id) == r.point_id
+
+
+def test_continuing_a_chain_from_another_machine_is_explicit(tmp_path: Path, repo: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A reinstalled PC (new machine id, same disk): the first backup says that the chain exists under
+    the old host and how to continue it; with --parent it continues it, and the next ones follow."""
+    vol = tmp_path / "vol.img"
+    data = bytearray(write_volume(vol, 2 * MiB, seed=15))
+    monkeypatch.setenv("IMAGECHAIN_MACHINE_ID", "old-install")
+    old = backup(str(vol), str(repo))
+    monkeypatch.setenv("IMAGECHAIN_MACHINE_ID", "new-install")
+    fresh = backup(str(vol), str(repo), chain="other")  # another chain name: nothing to say
+    assert not any("exists under host" in n for n in fresh.notices), fresh.notices
+    p = ic("backup", vol, repo, "--json")
+    res = json.loads(p.stdout)
+    assert res["kind"] == "full" and res["chain_id"] != old.chain_id
+    (said,) = [n for n in res["notices"] if "exists under host" in n]
+    assert f"--parent {old.point_id[:8]}" in said and "notice:" in p.stderr, said
+    data[:5000] = os.urandom(5000)
+    vol.write_bytes(data)
+    cont = backup(str(vol), str(repo), parent=old.point_id[:8])
+    assert cont.kind == "incremental" and cont.chain_id == old.chain_id and cont.parent_id == old.point_id
+    data[9000:9500] = os.urandom(500)
+    vol.write_bytes(data)
+    nxt = backup(str(vol), str(repo))  # no --parent: the continued chain is this host's now
+    assert nxt.chain_id == old.chain_id and nxt.parent_id == cont.point_id
+    res = open_point(f"{repo}::{nxt.point_id[:8]}")
+    out = tmp_path / "out.img"
+    restore(res.repo, res.point, str(out), cat=res.catalog)
+    assert out.read_bytes() == bytes(data)
+
+
+HOLDING_BACKUP = """
+import sys, time
+from imagechain.engine.backup import backup
+
+class Hold:  # the backup waits with its lock held until told to go on
+    def start(self, label, total):
+        print("holding", flush=True)
+        while not __import__("os").path.exists(sys.argv[3]):
+            time.sleep(0.02)
+    def advance(self, n): pass
+    def stop(self): pass
+    def notice(self, m): pass
+
+backup(sys.argv[1], sys.argv[2], progress=Hold())
+"""
+
+
+def test_restore_refuses_the_source_of_a_running_backup(tmp_path: Path, repo: Path) -> None:
+    import sys
+
+    vol = tmp_path / "vol.img"
+    data = write_volume(vol, 2 * MiB, seed=16)
+    backup(str(vol), str(repo), chain="earlier")
+    go = tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDING_BACKUP, str(vol), str(repo), str(go)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
+        line = one_line(ic("restore", f"{repo}::earlier", vol, "--force"), 8)
+        assert "source of a backup running now" in line, line
+        assert vol.read_bytes() == data
+        other = tmp_path / "other.img"
+        other.write_bytes(b"x")
+        assert ic("restore", f"{repo}::earlier", other, "--force").returncode == 0  # anything else: fine
+    finally:
+        go.touch()
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert ic("restore", f"{repo}::earlier", vol, "--force").returncode == 0  # done: no longer refused

@@ -73,11 +73,12 @@ class Catalog:
         return [(p, self.children[p.point_id]) for p in pts if len(self.children.get(p.point_id, ())) > 1]
 
     def named_chains(self) -> dict[tuple[bytes, bytes, str], list[list[PointFiles]]]:
-        """Generations grouped by (host id, source id, chain name)."""
+        """Generations grouped by (host id, source id, chain name), each under the host of its newest point:
+        a chain continued by another machine (backup --parent) is that machine's from then on."""
         out: dict[tuple[bytes, bytes, str], list[list[PointFiles]]] = defaultdict(list)
         for pts in self.generations().values():
-            h = pts[0].header
-            out[(h.host_id, h.source_id, chain_name(pts[0]))].append(pts)
+            h = pts[-1].header
+            out[(h.host_id, h.source_id, chain_name(pts[-1]))].append(pts)
         return dict(out)
 
     def damaged_after(self, tip: PointFiles) -> list[tuple[str, str]]:

@@ -242,6 +242,19 @@ def _judge_here(info: dict[str, object]) -> tuple[str, str]:
     return "gone?", "that process seems gone"
 
 
+def running_sources(store: Store, me: HostIdentity) -> list[tuple[dict[str, object], str]]:
+    """The sources of the backups running on this repository now (live locks): (source, holder)."""
+    out = []
+    for e in store.list(LOCK_DIR):
+        if not e.name.endswith(".lock"):
+            continue
+        st = inspect_lock(store, e.name, me)
+        src = st.info.get("source") if st is not None else None
+        if st is not None and st.live and isinstance(src, dict):
+            out.append((src, st.why))
+    return out
+
+
 def inspect_lock(store: Store, name: str, me: HostIdentity, *, seen_dir: str | None = None) -> LockState | None:
     """How the lock `name` stands, None when there is none. Looking at a lock of another machine (or
     pid namespace) records when this machine first saw its current content, in seen_dir."""
@@ -286,8 +299,10 @@ class ChainLock:
     """The chain's write lock. `notices` lists what acquiring it did (stale locks removed); `check()`
     must pass right before publishing."""
 
-    def __init__(self, store: Store, name: str, me: HostIdentity, what: str, repo_arg: str) -> None:
+    def __init__(self, store: Store, name: str, me: HostIdentity, what: str, repo_arg: str,
+                 source: dict[str, object] | None = None) -> None:  # fmt: skip
         self.store, self.name, self.me, self.what, self.repo_arg = store, name, me, what, repo_arg
+        self.source = source or {}  # what is being read (path, device/inode): a restore must not write there
         self.notices: list[str] = []
         self.info: dict[str, object] = {}
         self._stop = threading.Event()
@@ -310,7 +325,7 @@ class ChainLock:
             "host": self.me.name, "machine": self.me.machine, "boot_id": boot_id(), "pidns": pid_namespace(),
             "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
             "since": datetime.now(UTC).isoformat(timespec="seconds"), "what": self.what,
-            "command": " ".join(sys.argv[:3]),
+            "command": " ".join(sys.argv[:3]), **({"source": self.source} if self.source else {}),
         }  # fmt: skip
         for _ in range(MAX_ROUNDS):
             payload = self._payload()

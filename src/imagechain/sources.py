@@ -111,6 +111,11 @@ class Source:
         except OSError as e:
             return e.errno == errno.ENXIO  # no data at or after offset
 
+    def lock_record(self) -> dict[str, object]:
+        """What a chain lock says is being read, so a restore can refuse to write over it meanwhile."""
+        st = os.fstat(self.fd)
+        return {"path": os.path.realpath(self.path), "dev": st.st_dev, "ino": st.st_ino, "rdev": st.st_rdev}
+
     def check_unchanged(self) -> list[str]:
         """After the last read: raise SourceError when the size changed since open; for a regular file,
         warnings (one line each) when its mtime or ctime changed since open, else []."""

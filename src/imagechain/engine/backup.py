@@ -18,7 +18,7 @@ import numpy as np
 from .. import __version__, interrupts
 from ..address import select
 from ..blockmap import block_count
-from ..chain import FOLLOWS, Catalog, MapStream, describe
+from ..chain import FOLLOWS, Catalog, MapStream, describe, newest_generation
 from ..codec import CodecParams, encode
 from ..errors import AmbiguousPointError, ChainBrokenError, ImagechainError, SourceError, UsageError
 from ..format import spec
@@ -166,7 +166,8 @@ def backup(
         mounted = check_not_mounted(src, allow_mounted, progress)
         repo = Repository.open(repo_path, create=init)
         what = f"chain {chain!r} of {src.name} on {host.name}"
-        lock = ChainLock(repo.store, repo.lock_name(host.host_id, src.source_id, chain), host, what, repo_path)
+        lock = ChainLock(repo.store, repo.lock_name(host.host_id, src.source_id, chain), host, what, repo_path,
+                         src.lock_record())  # fmt: skip
         with lock:
             job = _Job(src, repo, host, chain, full, parent, block_size, codec, split_size, cache,
                        threads or default_threads(), progress, lock, source_moved, mounted)  # fmt: skip
@@ -212,6 +213,8 @@ class _Job:
                 self.note(f"ignored (not a usable point): {why}")
         gen = cat.find_generation(host.host_id, src.source_id, self.chain)
         parent = None if self.full else self._parent(cat, gen)
+        if parent is None and not gen and not self.full:
+            self._note_elsewhere(cat)
         lin: list[PointFiles] = []
         tc = time.monotonic()
         if parent is not None:
@@ -248,6 +251,18 @@ class _Job:
                 f"choose the one to continue with --parent POINT (or start anew with --full)"
             )
         return tips[0] if tips else None
+
+    def _note_elsewhere(self, cat: Catalog) -> None:
+        """A first backup here of a chain that another host has made of this very source (a reinstalled
+        PC, a disk moved to a new machine): never a silent new full; say how to continue that chain."""
+        for (host_id, source_id, name), gens in cat.named_chains().items():
+            if source_id != self.src.source_id or name != self.chain or host_id == self.host.host_id:
+                continue
+            tip = max(newest_generation(gens), key=lambda p: p.header.created_us)
+            self.note(f"chain {self.chain!r} of this source exists under host {tip.header.metadata.get('host')!r} "
+                      f"({host_id.hex()[:8]}), newest point {str(tip.point_id)[:8]}; this backup starts a new chain "
+                      f"for {self.host.name!r}; to continue that chain instead, back up with --parent "
+                      f"{str(tip.point_id)[:8]}")  # fmt: skip
 
     def _parent_map(self, stack: contextlib.ExitStack, lin: list[PointFiles]) -> MapFile:
         """The parent's map as a proven local file: from the cache, else rebuilt from the indexes."""

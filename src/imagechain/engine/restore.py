@@ -24,6 +24,8 @@ from ..codec import decode
 from ..errors import ImagechainError, IntegrityError, NoSpaceError, TargetError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader
+from ..identity import local_host
+from ..lock import running_sources
 from ..mounts import in_use
 from ..repository import Repository
 from ..sources import device_size
@@ -259,6 +261,7 @@ class Target:
         if not is_dev and not stat.S_ISREG(st.st_mode):
             raise TargetError(f"restore target is neither a file nor a block device: {path}")
         _refuse_repository_file(path, st, repo)
+        _refuse_running_source(path, st, repo)
         _refuse_mounted(path, overwrite_mounted, notes)
         if not (force or delta) and (is_dev or st.st_size > 0):
             raise TargetError(f"restore target {path} exists; add --force to overwrite it or --delta to update it")
@@ -327,6 +330,17 @@ class Target:
         if isinstance(exc, ImagechainError) and not self.fresh and written:
             return type(exc)(f"{exc}; {state}")
         return exc
+
+
+def _refuse_running_source(path: str, st: os.stat_result, repo: Repository) -> None:
+    """Writing over what a running backup of this repository reads would tear that backup and lose the
+    volume it is saving."""
+    real = os.path.realpath(path)
+    for src, holder in running_sources(repo.store, local_host()):
+        same_file = (src.get("dev"), src.get("ino")) == (st.st_dev, st.st_ino)
+        same_dev = stat.S_ISBLK(st.st_mode) and src.get("rdev") == st.st_rdev
+        if src.get("path") == real or same_file or same_dev:
+            raise TargetError(f"restore target {path} is the source of a backup running now ({holder})")
 
 
 def _refuse_mounted(path: str, allow: bool, notes: list[str] | None) -> None:

@@ -819,3 +819,27 @@ def test_concurrent_backups_of_one_chain(tmp_path: Path, repo: Path) -> None:
     ic_ok("verify", repo)
     for chain in ("default", "other"):
         assert restore_to(f"{repo}::{chain}", tmp_path / "out.img") == b3(vol.read_bytes())
+
+
+def test_the_next_backup_heals_a_chain_that_verify_found_damaged(tmp_path: Path, repo: Path) -> None:
+    """verify records the damaged blocks; the next incremental stores them anew even though the volume
+    did not change there, so the new point (and the chain from it on) restores bit-exact again."""
+    chain = make_chain(tmp_path, repo)
+    res = open_point(str(chain.files["full"]))
+    with PointReader(res.repo.store, res.point) as r:
+        idx = r.index()
+    e = next(e for e in idx if int(e["block"]) not in chain.changed and e["kind"] == spec.BLOCK_DATA)
+    flip(chain.files["full"], spec.SEGMENT_HEADER_SIZE + int(e["offset"]) + 5)
+    v = ic("verify", repo)
+    assert v.returncode == 7 and "stores them anew" in v.stdout, v.stdout
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(chain.volumes["incr"])  # the volume as at the incremental: nothing changed since
+    healed = json.loads(ic_ok("backup", vol, repo, "--json").stdout)
+    assert healed["changed_blocks"] == 1 and healed["stored_bytes"] > 0, healed
+    assert any("anew" in n and chain.ids["full"][:8] in n for n in healed["notices"]), healed["notices"]
+    assert restore_to(f"{repo}::{healed['point_id'][:8]}", tmp_path / "healed.img") == b3(chain.volumes["incr"])
+    rep = verify(Repository.open(str(repo)))
+    ok = {p.point_id: p.ok for p in rep.points}
+    assert ok == {chain.ids["full"]: False, chain.ids["incr"]: False, healed["point_id"]: True}, ok
+    again = json.loads(ic_ok("backup", vol, repo, "--json").stdout)  # healed once: not stored again
+    assert again["changed_blocks"] == 0, again

@@ -20,6 +20,7 @@ from ..address import select
 from ..blockmap import block_count
 from ..chain import FOLLOWS, Catalog, MapStream, describe, newest_generation
 from ..codec import CodecParams, encode
+from ..damage import DamageRecord
 from ..errors import AmbiguousPointError, ChainBrokenError, ImagechainError, SourceError, UsageError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader, SegmentFile, assemble, scan_file
@@ -113,6 +114,7 @@ class _Item:
     data: bytes | None
     pkind: np.ndarray | None
     pdigest: np.ndarray | None
+    force: np.ndarray  # blocks (relative) to store anew whatever the comparison says: healing
 
 
 @dataclass
@@ -338,10 +340,13 @@ class _Job:
             },
         )  # fmt: skip
         base = repo.point_base(chain_dir, created, sequence, parent is None, point_id.hex)
+        record = DamageRecord.of(repo.store, lin[0]) if lin else None
+        heal, heal_from = record.to_restore(lin) if record else (np.zeros(0, np.int64), [])
+        heal = heal[heal < block_count(src.size, bs)]
         writer = ImageWriter(repo.store, base, header, split)
         cachew = MapWriter(self.cache, src.size, bs)
         try:
-            stats = _run(src, bs, codec, pmap, writer, cachew, self.threads, self.progress)
+            stats = _run(src, bs, codec, pmap, writer, cachew, self.threads, self.progress, heal)
             warnings = src.check_unchanged()  # a size change is an error: nothing is published
             for w in warnings:
                 self.note(w)
@@ -351,6 +356,11 @@ class _Job:
             writer.abort()
             cachew.abort()
             raise
+        if record is not None and len(heal):
+            record.add("healed", point_id, heal.tolist())
+            record.save(repo.store)
+            self.note(f"stored {len(heal)} block(s) anew that verify found damaged in point(s) "
+                      f"{', '.join(heal_from)}: the chain restores again from this point on")  # fmt: skip
         for name, size in writer.size_limits:
             self.note(f"the filesystem refused to grow {name} past {size} bytes (file too large); "
                       f"the point continues in a new segment")  # fmt: skip
@@ -457,7 +467,7 @@ def _cut_off(store: Store, names: list[str]) -> bool:
     return all(f is not None and f.size == first.header.split_size for f in files)
 
 
-def _items(src: Source, bs: int, pmap: MapFile | None) -> Iterator[_Item]:
+def _items(src: Source, bs: int, pmap: MapFile | None, forced: np.ndarray) -> Iterator[_Item]:
     """The volume in chunks, in order; holes of image files as one item without a read."""
     size = src.size
     n_total = block_count(size, bs)
@@ -480,13 +490,14 @@ def _items(src: Source, bs: int, pmap: MapFile | None) -> Iterator[_Item]:
         if pmap is not None and start < pmap.n:
             w = pmap.window(start, start + n)
             pk, pd = w.kind, w.digest
-        yield _Item(start, n, data, pk, pd)
+        force = forced[(forced >= start) & (forced < start + n)] - start
+        yield _Item(start, n, data, pk, pd, force)
         start += n
 
 
 def _run(
     src: Source, bs: int, codec: CodecParams, pmap: MapFile | None, writer: ImageWriter,
-    cachew: MapWriter, threads: int, progress: Progress,
+    cachew: MapWriter, threads: int, progress: Progress, forced: np.ndarray | None = None,
 ) -> _Stats:  # fmt: skip
     size = src.size
     n_total = block_count(size, bs)
@@ -520,6 +531,7 @@ def _run(
             cur = digests.view("<u8").reshape(n, 4)
             pdig = item.pdigest.view("<u8").reshape(m, 4)
             changed[:m] = (cur[:m] != pdig).any(axis=1) | (kinds[:m] != item.pkind)
+            changed[item.force] = True
             idx = np.flatnonzero(changed)
         else:
             idx = np.arange(n)
@@ -538,7 +550,7 @@ def _run(
     progress.start("backup", size)
     # every thread of the pipeline is stopped and joined before this returns or raises, so none of them
     # outlives the backup or touches the source after it is closed
-    feed = prefetch(_items(src, bs, pmap), 3)
+    feed = prefetch(_items(src, bs, pmap, forced if forced is not None else np.zeros(0, np.int64)), 3)
     results = ordered_map(work, feed, threads, threads * 2)
     try:
         for ch in results:

@@ -11,6 +11,7 @@ import numpy as np
 from ..blockmap import BlockMap, expand_blocks
 from ..chain import Catalog, MapStream, describe
 from ..codec import decode
+from ..damage import DamageRecord
 from ..errors import ImagechainError, IntegrityError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader
@@ -99,7 +100,19 @@ def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | N
         bad = reports[str(p.point_id)].bad_blocks
         if bad:
             _blame_descendants(repo, cat, p, p, np.array(bad, np.int64), reports)
+            report.notices.append(_record_damage(repo, cat, p, bad))
     return report
+
+
+def _record_damage(repo: Repository, cat: Catalog, p: PointFiles, bad: list[int]) -> str:
+    """Tell the next backup of the chain which blocks to store anew (damage.py)."""
+    first = cat.ancestry(p)[0]
+    rec = DamageRecord.of(repo.store, first)
+    rec.add("damaged", p.point_id, bad)
+    if rec.save(repo.store):
+        return (f"recorded the {len(bad)} damaged block(s) of {describe(p)} in {rec.name}: the next backup of "
+                f"the chain stores them anew, so the chain restores again from that backup on")  # fmt: skip
+    return f"could not record the damaged blocks of {describe(p)} for the next backup (is the repository writable?)"
 
 
 def _blame_descendants(repo: Repository, cat: Catalog, damaged: PointFiles, parent: PointFiles,

@@ -843,3 +843,11 @@ def test_the_next_backup_heals_a_chain_that_verify_found_damaged(tmp_path: Path,
     assert ok == {chain.ids["full"]: False, chain.ids["incr"]: False, healed["point_id"]: True}, ok
     again = json.loads(ic_ok("backup", vol, repo, "--json").stdout)  # healed once: not stored again
     assert again["changed_blocks"] == 0, again
+    listing = json.loads(ic_ok("list", repo, "--json").stdout)  # list knows what verify found
+    rows = {p["point_id"]: p for ch in listing["chains"] for p in ch}
+    assert not rows[chain.ids["full"]]["restorable"] and "damaged block" in rows[chain.ids["full"]][
+        "not_restorable_because"]  # fmt: skip
+    assert not rows[chain.ids["incr"]]["restorable"] and chain.ids["full"][:8] in rows[chain.ids["incr"]][
+        "not_restorable_because"]  # fmt: skip
+    assert rows[healed["point_id"]]["restorable"] and rows[again["point_id"]]["restorable"]
+    assert "not restorable" in ic_ok("list", repo).stdout

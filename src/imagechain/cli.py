@@ -22,6 +22,7 @@ from . import __version__, interrupts
 from .address import open_point
 from .chain import Catalog
 from .codec import CodecParams
+from .damage import DamageRecord
 from .engine.backup import backup as run_backup
 from .engine.backup import check_block_size, check_split_size
 from .engine.restore import restore as run_restore
@@ -154,7 +155,7 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
     )
 
 
-def _row(p: PointFiles, repo: Repository, cat: Catalog) -> dict[str, Any]:
+def _row(p: PointFiles, repo: Repository, cat: Catalog, damage: DamageRecord | None = None) -> dict[str, Any]:
     h = p.header
     problem: dict[str, str] = {}
     try:
@@ -164,6 +165,7 @@ def _row(p: PointFiles, repo: Repository, cat: Catalog) -> dict[str, Any]:
         s, problem = {}, {"summary_problem": str(e)}
     kids = cat.children.get(p.point_id, [])
     parent_missing = h.parent_id is not None and cat.ancestry(p)[0].header.parent_id is not None
+    why = "parent missing" if parent_missing else (damage.why_not_restorable(p.point_id) if damage else "")
     return {
         "point_id": str(h.point_id), "chain_id": str(h.chain_id), "sequence": h.sequence,
         "kind": "full" if h.kind == spec.KIND_FULL else "incremental",
@@ -172,7 +174,8 @@ def _row(p: PointFiles, repo: Repository, cat: Catalog) -> dict[str, Any]:
         "parent_id": str(h.parent_id) if h.parent_id else None,
         "parent_state_digest": h.parent_state.hex() if h.parent_id else None,
         "state_digest": p.footer.state_digest.hex(), "children": [str(k.point_id) for k in kids],
-        "tip": not kids, "lineage_broken": parent_missing,
+        "tip": not kids, "lineage_broken": parent_missing, "restorable": not why,
+        **({"not_restorable_because": why} if why else {}),
         "volume_size": h.volume_size, "block_size": h.block_size,
         "changed_bytes": s.get("changed_bytes"), "stored_bytes": s.get("stored_bytes"),
         "file_bytes": sum(f.size for f in p.segments), "files": [f.name for f in p.segments], **problem,
@@ -185,8 +188,8 @@ def _flags(row: dict[str, Any], gen_tips: int) -> str:
         out.append(f"fork: {len(row['children'])} branches")
     if row["tip"] and gen_tips > 1:
         out.append("tip")
-    if row["lineage_broken"]:
-        out.append("parent missing: not restorable")
+    if not row["restorable"]:
+        out.append(f"not restorable: {row['not_restorable_because']}")
     if "summary_problem" in row:
         out.append("summary damaged")
     return ", ".join(out)
@@ -212,7 +215,7 @@ def list_(repo: str, as_json: bool) -> None:
     gens = sorted(cat.generations().values(), key=lambda pts: (str(pts[0].header.metadata.get("host")),
                   str(pts[0].header.metadata.get("source")), str(pts[0].header.metadata.get("chain")),
                   pts[0].header.created_us))  # fmt: skip
-    rows = [[_row(p, r, cat) for p in pts] for pts in gens]
+    rows = [[_row(p, r, cat, DamageRecord.of(r.store, cat.ancestry(pts[0])[0])) for p in pts] for pts in gens]
     tips = [[str(t.point_id) for t in cat.tips(pts)] for pts in gens]
     if as_json:
         click.echo(json.dumps({

@@ -3,7 +3,8 @@ stored them anew. It lets the next backup heal the chain: blocks that its parent
 damaged point are read and stored again as if changed, so the chain restores again from then on.
 
 One small JSON file per generation, beside its full point: `damaged-<chain id, 8 hex>.json`:
-{"chain_id": ..., "damaged": {point id: [blocks]}, "healed": {point id: [blocks]}}. Writing it is best
+{"chain_id": ..., "damaged": {point id: [blocks]}, "healed": {point id: [blocks]},
+"unrestorable": {point id: why}}. Writing it is best
 effort (a read-only repository can still be verified); it only ever adds blocks to re-store."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class DamageRecord:
     chain_id: uuid.UUID
     damaged: dict[str, list[int]] = field(default_factory=dict)
     healed: dict[str, list[int]] = field(default_factory=dict)
+    unrestorable: dict[str, str] = field(default_factory=dict)  # later points that take damaged blocks: why
 
     @classmethod
     def of(cls, store: Store, first: PointFiles) -> DamageRecord:
@@ -42,6 +44,9 @@ class DamageRecord:
                 if isinstance(part, dict):
                     lists = {str(k): [int(b) for b in v] for k, v in part.items() if isinstance(v, list)}
                     getattr(rec, key).update(lists)
+            why = doc.get("unrestorable")
+            if isinstance(why, dict):
+                rec.unrestorable.update({str(k): str(v) for k, v in why.items()})
         return rec
 
     def add(self, key: str, point: uuid.UUID, blocks: list[int]) -> None:
@@ -49,12 +54,19 @@ class DamageRecord:
         getattr(self, key)[point.hex] = sorted(merged)
 
     def save(self, store: Store) -> bool:
-        doc = {"chain_id": self.chain_id.hex, "damaged": self.damaged, "healed": self.healed}
+        doc = {"chain_id": self.chain_id.hex, "damaged": self.damaged, "healed": self.healed,
+               "unrestorable": self.unrestorable}
         try:
             store.replace(self.name, json.dumps(doc, indent=1, sort_keys=True).encode())
             return True
         except Exception:  # best effort: a read-only repository is still verified
             return False
+
+    def why_not_restorable(self, point: uuid.UUID) -> str:
+        """'' unless verify found the point damaged or taking damaged blocks from an earlier one."""
+        if point.hex in self.damaged:
+            return f"{len(self.damaged[point.hex])} damaged block(s), found by verify"
+        return self.unrestorable.get(point.hex, "")
 
     def to_restore(self, lineage: list[PointFiles]) -> tuple[np.ndarray, list[str]]:
         """Blocks a backup on top of lineage must store anew (damaged in a point of the lineage and not

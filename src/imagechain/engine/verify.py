@@ -99,16 +99,18 @@ def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | N
     for p in targets:
         bad = reports[str(p.point_id)].bad_blocks
         if bad:
-            _blame_descendants(repo, cat, p, p, np.array(bad, np.int64), reports)
-            report.notices.append(_record_damage(repo, cat, p, bad))
+            blamed = _blame_descendants(repo, cat, p, p, np.array(bad, np.int64), reports)
+            report.notices.append(_record_damage(repo, cat, p, bad, blamed))
     return report
 
 
-def _record_damage(repo: Repository, cat: Catalog, p: PointFiles, bad: list[int]) -> str:
-    """Tell the next backup of the chain which blocks to store anew (damage.py)."""
+def _record_damage(repo: Repository, cat: Catalog, p: PointFiles, bad: list[int], blamed: dict[str, str]) -> str:
+    """Tell the next backup of the chain which blocks to store anew, and list which points are not
+    restorable (damage.py)."""
     first = cat.ancestry(p)[0]
     rec = DamageRecord.of(repo.store, first)
     rec.add("damaged", p.point_id, bad)
+    rec.unrestorable.update(blamed)
     if rec.save(repo.store):
         return (f"recorded the {len(bad)} damaged block(s) of {describe(p)} in {rec.name}: the next backup of "
                 f"the chain stores them anew, so the chain restores again from that backup on")  # fmt: skip
@@ -116,9 +118,11 @@ def _record_damage(repo: Repository, cat: Catalog, p: PointFiles, bad: list[int]
 
 
 def _blame_descendants(repo: Repository, cat: Catalog, damaged: PointFiles, parent: PointFiles,
-                       bad: np.ndarray, reports: dict[str, PointReport]) -> None:  # fmt: skip
+                       bad: np.ndarray, reports: dict[str, PointReport]) -> dict[str, str]:  # fmt: skip
     """A point restores from its ancestors' payloads: each descendant that still takes one of the damaged
-    blocks (no point in between stored it anew) cannot be restored either, and is reported so."""
+    blocks (no point in between stored it anew) cannot be restored either, and is reported so.
+    Returns {point id hex: why} of those descendants."""
+    blamed: dict[str, str] = {}
     for child in cat.children.get(parent.point_id, []):
         rep = reports.get(str(child.point_id))
         if rep is None:
@@ -135,7 +139,9 @@ def _blame_descendants(repo: Repository, cat: Catalog, damaged: PointFiles, pare
             rep.problems.append(f"cannot be restored: {len(left)} block(s) it takes from {describe(damaged)} "
                                 f"are damaged: {shown}")  # fmt: skip
             rep.ok = False
-            _blame_descendants(repo, cat, damaged, child, left, reports)
+            blamed[child.point_id.hex] = f"takes {len(left)} damaged block(s) from point {str(damaged.point_id)[:8]}"
+            blamed.update(_blame_descendants(repo, cat, damaged, child, left, reports))
+    return blamed
 
 
 def _prove_maps(repo: Repository, cat: Catalog, targets: list[PointFiles]) -> dict[uuid.UUID, str]:

@@ -35,7 +35,7 @@ def split_address(address: str) -> tuple[str, str | None]:
     return address, None
 
 
-def open_point(address: str) -> Resolved:
+def open_point(address: str, salvage: bool = False) -> Resolved:
     repo_path, spec_ = split_address(address)
     if spec_ is None:
         try:
@@ -45,19 +45,23 @@ def open_point(address: str) -> Resolved:
         except OSError as e:  # a disk that went away: say so, not "no such point"
             raise RepositoryError(f"cannot read {address}: {e.strerror or e}") from e
         if stat.S_ISREG(st.st_mode):
-            return _by_file(address)
+            return _by_file(address, salvage)
         if not stat.S_ISDIR(st.st_mode):
             raise PointNotFoundError(f"no such point, image file or repository: {address}")
         spec_ = ""
     repo = Repository.open(repo_path)
     cat = repo.catalog()
+    if salvage:
+        cat = cat.with_salvaged()
     return Resolved(repo, cat, select(cat, spec_, repo_path))
 
 
-def _by_file(path: str) -> Resolved:
+def _by_file(path: str, salvage: bool = False) -> Resolved:
     root = find_root(path)
     repo = Repository.open(root) if os.path.isfile(os.path.join(root, MARKER)) else Repository.around(root)
     cat = repo.catalog()
+    if salvage:
+        cat = cat.with_salvaged()
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
     pid = cat.by_file.get(rel)
     if pid is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -37,11 +37,18 @@ class Catalog:
     points: dict[uuid.UUID, PointFiles] = field(default_factory=dict)
     damaged: dict[uuid.UUID, tuple[list[str], str]] = field(default_factory=dict)  # footer there, not provable
     claims: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID | None, int]] = field(default_factory=dict)  # of damaged
+    salvageable: dict[uuid.UUID, PointFiles] = field(default_factory=dict)  # damaged only in the header
     problems: list[tuple[list[str], str]] = field(default_factory=list)  # (files, why): not points at all
     leftovers: list[str] = field(default_factory=list)  # temporaries of interrupted writes
     incomplete: dict[uuid.UUID, list[str]] = field(default_factory=dict)  # published files of unfinished points
     notices: list[str] = field(default_factory=list)  # ignored copies, misnamed segments
     by_file: dict[str, uuid.UUID] = field(default_factory=dict)  # every image file -> its point id
+
+    def with_salvaged(self) -> Catalog:
+        """This catalog with the points damaged only in their header taken as points (restore --salvage):
+        what is restored from them is still proven by every block digest and the state digest."""
+        return replace(self, points={**self.points, **self.salvageable},
+                       damaged={k: v for k, v in self.damaged.items() if k not in self.salvageable})  # fmt: skip
 
     # -- the tree -------------------------------------------------------------------------------------
     @cached_property
@@ -86,6 +93,8 @@ class Catalog:
         of the newest point must not silently fall back to tip when the newest file is one of these."""
         out = []
         for pid, (chain_id, parent_id, seq) in self.claims.items():
+            if pid not in self.damaged:
+                continue  # taken as a point after all (--salvage)
             if chain_id == tip.header.chain_id and (parent_id == tip.point_id or seq > tip.header.sequence):
                 files, why = self.damaged[pid]
                 out.append((files[0], why))
@@ -185,6 +194,8 @@ def scan(store: Store, prefix: str = "") -> Catalog:
             cat.points[pid] = a.point
         elif a.damaged:
             cat.damaged[pid] = (names, a.damaged)
+            if a.salvage is not None:
+                cat.salvageable[pid] = a.salvage
             for f in files:  # which chain it claims to continue, from its header, proven or not
                 claim = (f.header.chain_id, f.header.parent_id, f.header.sequence) if f.header else f.claim
                 if claim is not None:

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import __version__, interrupts
 from .address import open_point
-from .chain import Catalog
+from .chain import Catalog, describe
 from .codec import CodecParams
 from .damage import DamageRecord
 from .engine.backup import backup as run_backup
@@ -310,14 +310,22 @@ def _warnings(h: spec.PointHeader, summary: dict[str, object]) -> list[str]:
 @click.argument("dest")
 @click.option("--delta", is_flag=True, help="Read DEST first and write only the blocks that differ.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file or device.")
+@click.option("--salvage", is_flag=True, help="Also restore from points damaged only in their header, when every "
+              "block digest and the state digest prove the result.")
 @click.option("--overwrite-mounted", is_flag=True, help="Write even to a device or file whose filesystem is "
               "mounted (corrupts what is mounted; --force alone refuses).")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def restore(point: str, dest: str, delta: bool, force: bool, overwrite_mounted: bool, as_json: bool) -> None:
+def restore(point: str, dest: str, delta: bool, force: bool, salvage: bool, overwrite_mounted: bool,
+            as_json: bool) -> None:  # fmt: skip
     """Restore POINT to DEST (a file or block device), bit for bit."""
-    res = open_point(point)
-    r = run_restore(res.repo, res.point, dest, delta=delta, force=force, progress=BarProgress(not as_json),
+    res = open_point(point, salvage=salvage)
+    bar = BarProgress(not as_json)
+    for p in res.catalog.lineage(res.point):
+        if p.point_id in res.catalog.salvageable:
+            bar.notice(f"{describe(p)} is damaged in its header only; using it (--salvage): every block "
+                       f"digest and the state digest must still prove what is restored")  # fmt: skip
+    r = run_restore(res.repo, res.point, dest, delta=delta, force=force, progress=bar,
                     cat=res.catalog, overwrite_mounted=overwrite_mounted)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=1))

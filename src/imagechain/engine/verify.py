@@ -74,7 +74,9 @@ def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | N
     cat = cat or repo.catalog()
     report = VerifyReport(leftovers=list(cat.leftovers), notices=list(cat.notices))
     if only is None:
-        report.incomplete = [f"{', '.join(files)}: {why}" for files, why in [*cat.damaged.values(), *cat.problems]]
+        report.incomplete = [f"{', '.join(files)}: {why}{_intact(repo, cat, pid, threads)}"
+                             for pid, (files, why) in cat.damaged.items()]  # fmt: skip
+        report.incomplete += [f"{', '.join(files)}: {why}" for files, why in cat.problems]
         targets = sorted(cat.points.values(), key=lambda p: (str(p.header.chain_id), p.header.sequence,
                                                               p.header.created_us))  # fmt: skip
     else:
@@ -142,6 +144,24 @@ def _blame_descendants(repo: Repository, cat: Catalog, damaged: PointFiles, pare
             blamed[child.point_id.hex] = f"takes {len(left)} damaged block(s) from point {str(damaged.point_id)[:8]}"
             blamed.update(_blame_descendants(repo, cat, damaged, child, left, reports))
     return blamed
+
+
+def _intact(repo: Repository, cat: Catalog, pid: uuid.UUID, threads: int | None) -> str:
+    """For a point damaged only in its header: whether its data still proves out (then --salvage restores
+    it). The state digest is the proof, with every block digest."""
+    if pid not in cat.salvageable:
+        return ""
+    whole = cat.with_salvaged()
+    p = whole.points[pid]
+    try:
+        lin = whole.lineage(p)
+    except ImagechainError:
+        return ""
+    maps = _prove_maps(repo, whole, lin)
+    reps = [_verify_point(repo, q, threads or default_threads(), Silent()) for q in lin]
+    if any(maps.get(q.point_id) for q in lin) or any(r.problems for r in reps):
+        return ""
+    return " (its data is intact: every block digest and its state digest check out; restore it with --salvage)"
 
 
 def _prove_maps(repo: Repository, cat: Catalog, targets: list[PointFiles]) -> dict[uuid.UUID, str]:

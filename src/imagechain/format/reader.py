@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import struct
 import threading
 import uuid
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ class SegmentFile:
     footer: spec.Footer | None = None  # valid footer at the tail, last segment only
     problem: str = ""  # why the header or the footer could not be used
     claim: tuple[uuid.UUID, uuid.UUID | None, int] | None = None  # unproven (chain, parent, seq) of a bad header
+    unchecked: spec.PointHeader | None = None  # a header whose checksum failed, parsed anyway (salvage)
 
     @property
     def data_end(self) -> int:
@@ -57,9 +60,10 @@ def scan_file(store: Store, entry: StoreEntry) -> SegmentFile | None:
     except IntegrityError as e:
         return _unusable(entry, str(e))
     sf = SegmentFile(entry.name, entry.size, seg)
-    try:
-        if seg.number == 0:
-            body = head[spec.SEGMENT_HEADER_SIZE :]
+    problems: list[str] = []
+    if seg.number == 0:
+        body = head[spec.SEGMENT_HEADER_SIZE :]
+        try:
             if len(body) >= 16 and body[:8] == spec.HEADER_MAGIC:
                 need = spec.PointHeader.length_from_prefix(body)
                 if need > len(body) and need < 64 << 20:
@@ -67,16 +71,23 @@ def scan_file(store: Store, entry: StoreEntry) -> SegmentFile | None:
             sf.claim = spec.PointHeader.peek(body)
             sf.header = spec.PointHeader.unpack(body, entry.name)
             if sf.header.point_id != seg.point_id:
+                sf.header = None
                 raise IntegrityError(f"{entry.name}: point header and segment header disagree on the point id")
+        except IntegrityError as e:
+            problems.append(str(e))
+            with contextlib.suppress(IntegrityError, ValueError, struct.error):
+                sf.unchecked = spec.PointHeader.unpack(body, entry.name, check=False)
+    try:
         if entry.size >= spec.SEGMENT_HEADER_SIZE + spec.FOOTER_SIZE:
             tail = store.read(entry.name, entry.size - spec.FOOTER_SIZE, spec.FOOTER_SIZE)
             if tail[-8:] == spec.FOOTER_MAGIC:
-                sf.footer = spec.Footer.unpack(tail, entry.name)
-                if sf.footer.point_id != seg.point_id:
+                footer = spec.Footer.unpack(tail, entry.name)
+                if footer.point_id != seg.point_id:
                     raise IntegrityError(f"{entry.name}: footer belongs to another point")
+                sf.footer = footer
     except IntegrityError as e:
-        sf.problem = str(e)
-        sf.footer = None
+        problems.append(str(e))
+    sf.problem = "; ".join(problems)
     return sf
 
 
@@ -109,13 +120,15 @@ class Assembly:
 
     point: PointFiles | None = None
     damaged: str = ""  # a footer is there, but the point cannot be proven whole: why
+    salvage: PointFiles | None = None  # damaged only in its header: the point with the unchecked header
     incomplete: str = ""  # no footer at all: an unfinished write, not a point
     notices: list[str] = field(default_factory=list)  # ignored copies, misnamed segment files
 
 
 def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> Assembly:
     """Put a point together from the segment files found for it, by their headers alone."""
-    usable = [f for f in files if not f.problem]
+    # a segment 0 whose header alone fails still tiles the stream; the header is judged below
+    usable = [f for f in files if not f.problem or f.footer is not None or f.unchecked is not None]
     broken = [f for f in files if f.problem]
     footers = [f for f in usable if f.footer is not None]
     short = str(point_id)[:8]
@@ -157,10 +170,12 @@ def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> Assembly:
     header = segs[0].header
     if header is None:
         why = segs[0].problem or "no readable point header"
-        return Assembly(damaged=f"point {short} is damaged: {segs[0].name}: {why}")
+        rough = segs[0].unchecked
+        return Assembly(damaged=f"point {short} is damaged: {segs[0].name}: {why}",
+                        salvage=PointFiles(rough, footer, segs) if rough and rough.point_id == point_id else None)
     if spec.b3(header.pack()) != footer.header_digest:
         return Assembly(damaged=f"point {short} is damaged: {segs[0].name}: the header does not match the "
-                                f"footer (altered header)")  # fmt: skip
+                                f"footer (altered header)", salvage=PointFiles(header, footer, segs))  # fmt: skip
     out = Assembly(PointFiles(header, footer, segs))
     used = {id(f) for f in segs}
     for f in files:

@@ -176,7 +176,9 @@ class PointHeader:
         return body + b3(body)
 
     @classmethod
-    def unpack(cls, raw: bytes, name: str) -> PointHeader:
+    def unpack(cls, raw: bytes, name: str, check: bool = True) -> PointHeader:
+        """The header; check=False skips the MAC and takes unreadable metadata as empty: for salvage,
+        where the state digest, not the header, proves what is restored."""
         if len(raw) < HEADER_FIXED_SIZE or raw[:8] != HEADER_MAGIC:
             raise IntegrityError(f"{name}: point header missing (bad magic)")
         f = HEADER_FIXED.unpack(raw[:HEADER_FIXED_SIZE])
@@ -187,12 +189,16 @@ class PointHeader:
         if length != HEADER_FIXED_SIZE + klen + mlen + HEADER_MAC_SIZE or len(raw) < length:
             raise IntegrityError(f"{name}: point header length fields are inconsistent")
         body, mac = raw[: length - HEADER_MAC_SIZE], raw[length - HEADER_MAC_SIZE : length]
-        if b3(body) != mac:
+        if check and b3(body) != mac:
             raise IntegrityError(f"{name}: point header checksum mismatch")
         try:
             meta = json.loads(body[HEADER_FIXED_SIZE + klen :].decode())
         except ValueError as e:
-            raise IntegrityError(f"{name}: point header metadata is not valid JSON") from e
+            if check:
+                raise IntegrityError(f"{name}: point header metadata is not valid JSON") from e
+            meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
         return cls(
             point_id=uuid.UUID(bytes=pid), chain_id=uuid.UUID(bytes=cid),
             parent_id=None if parent == bytes(16) else uuid.UUID(bytes=parent), parent_state=pstate,

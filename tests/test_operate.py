@@ -470,3 +470,35 @@ def test_a_point_damaged_only_in_its_header_is_salvaged_by_its_proof(tmp_path: P
     p = ic("restore", f"{repo}::{r1.point_id[:8]}", out, "--salvage")
     notice, line = p.stderr.strip().splitlines()  # the salvage notice, then the one error line
     assert p.returncode == 7 and notice.startswith("notice:") and "corrupt" in line and not out.exists(), p.stderr
+
+
+def test_a_flipped_segment_flag_costs_nothing_but_a_salvage(tmp_path: Path, repo: Path) -> None:
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(os.urandom(3 * MiB))
+    r = backup(str(vol), str(repo), split_size=MiB)
+    second = repo / r.files[1]
+    raw = bytearray(second.read_bytes())
+    raw[10] ^= 0x04  # the segment header's flags: they carry nothing, yet its checksum fails
+    second.write_bytes(raw)
+    v = ic("verify", repo)
+    assert v.returncode == 7 and "segment header checksum" in v.stdout and "data is intact" in v.stdout, v.stdout
+    out = tmp_path / "out.img"
+    one_line(ic("restore", f"{repo}::{r.point_id[:8]}", out), 7)
+    p = ic("restore", f"{repo}::{r.point_id[:8]}", out, "--salvage")
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == vol.read_bytes()
+
+
+def test_a_hex_chain_name_that_is_also_an_id_prefix_is_ambiguous(tmp_path: Path, repo: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import uuid
+
+    vol = tmp_path / "vol.img"
+    write_volume(vol, MiB, seed=18)
+    with monkeypatch.context() as m:
+        m.setattr(uuid, "uuid4", lambda: uuid.UUID("e543" + os.urandom(14).hex()))  # a point id starting e543
+        other = backup(str(vol), str(repo), chain="other")
+    named = backup(str(vol), str(repo), chain="e543")  # a chain whose name is made of hex digits
+    line = one_line(ic("restore", f"{repo}::e543", tmp_path / "out.img"), 6)
+    assert other.point_id[:8] in line and "e543" in line and "chain" in line, line
+    assert str(open_point(f"{repo}::{named.point_id[:8]}").point.point_id) == named.point_id  # by id: fine

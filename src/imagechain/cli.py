@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, interrupts
 from .address import open_point
@@ -41,6 +42,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 LOCK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}")
 
 
+class _BinaryRate(ProgressColumn):
+    """Transfer rate in the binary units every other figure of the tool uses."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{human(speed)}/s", style="progress.data.speed")
+
+
 class BarProgress:
     """A rich progress bar on a terminal; notices go to stderr either way."""
 
@@ -52,8 +61,8 @@ class BarProgress:
     def start(self, label: str, total: int) -> None:
         if not self.enabled:
             return
-        self._bar = RichBar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
+        self._bar = RichBar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                            _BinaryRate(), TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
         self._bar.start()
         self._task = self._bar.add_task(label, total=total)
 

@@ -35,6 +35,7 @@ class SegmentFile:
     problem: str = ""  # why the header or the footer could not be used
     claim: tuple[uuid.UUID, uuid.UUID | None, int] | None = None  # unproven (chain, parent, seq) of a bad header
     unchecked: spec.PointHeader | None = None  # a header whose checksum failed, parsed anyway (salvage)
+    seg_checked: bool = True  # False: the segment header's checksum failed, its fields were read anyway
 
     @property
     def data_end(self) -> int:
@@ -55,12 +56,16 @@ def scan_file(store: Store, entry: StoreEntry) -> SegmentFile | None:
         return _unusable(entry, f"{entry.name}: unreadable ({e.strerror or e})") if named_image else None
     if head[:8] != spec.SEGMENT_MAGIC:
         return _unusable(entry, f"{entry.name}: segment header damaged (bad magic)") if named_image else None
+    problems: list[str] = []
     try:
         seg = spec.SegmentHeader.unpack(head[: spec.SEGMENT_HEADER_SIZE], entry.name)
     except IntegrityError as e:
-        return _unusable(entry, str(e))
-    sf = SegmentFile(entry.name, entry.size, seg)
-    problems: list[str] = []
+        try:  # damage in bytes that carry nothing (flags, reserved) must not make the point unfindable
+            seg = spec.SegmentHeader.unpack(head[: spec.SEGMENT_HEADER_SIZE], entry.name, check=False)
+        except IntegrityError:
+            return _unusable(entry, str(e))
+        problems.append(str(e))
+    sf = SegmentFile(entry.name, entry.size, seg, seg_checked=not problems)
     if seg.number == 0:
         body = head[spec.SEGMENT_HEADER_SIZE :]
         try:
@@ -128,7 +133,8 @@ class Assembly:
 def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> Assembly:
     """Put a point together from the segment files found for it, by their headers alone."""
     # a segment 0 whose header alone fails still tiles the stream; the header is judged below
-    usable = [f for f in files if not f.problem or f.footer is not None or f.unchecked is not None]
+    usable = [f for f in files if not f.problem or f.footer is not None or f.unchecked is not None
+              or not f.seg_checked]  # fmt: skip
     broken = [f for f in files if f.problem]
     footers = [f for f in usable if f.footer is not None]
     short = str(point_id)[:8]
@@ -168,6 +174,10 @@ def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> Assembly:
         return Assembly(damaged=f"point {short} is damaged: segments hold {expect} bytes, "
                                 f"the footer says {footer.logical_length}")  # fmt: skip
     header = segs[0].header
+    unchecked = [f.name for f in segs if not f.seg_checked]
+    if unchecked and header is not None and spec.b3(header.pack()) == footer.header_digest:
+        return Assembly(damaged=f"point {short} is damaged: segment header checksum mismatch in "
+                                f"{', '.join(unchecked)}", salvage=PointFiles(header, footer, segs))  # fmt: skip
     if header is None:
         why = segs[0].problem or "no readable point header"
         rough = segs[0].unchecked

@@ -122,11 +122,12 @@ class SegmentHeader:
         return raw + b3(raw)[:8]
 
     @classmethod
-    def unpack(cls, raw: bytes, name: str) -> SegmentHeader:
+    def unpack(cls, raw: bytes, name: str, check: bool = True) -> SegmentHeader:
+        """check=False skips the checksum (salvage: the point's assembly and its proofs still judge it)."""
         if len(raw) < SEGMENT_HEADER_SIZE or raw[:8] != SEGMENT_MAGIC:
             raise IntegrityError(f"{name}: not an imagechain image file")
-        body, check = raw[: SEGMENT_HEADER.size], raw[SEGMENT_HEADER.size : SEGMENT_HEADER_SIZE]
-        if b3(body)[:8] != check:
+        body, digest = raw[: SEGMENT_HEADER.size], raw[SEGMENT_HEADER.size : SEGMENT_HEADER_SIZE]
+        if check and b3(body)[:8] != digest:
             raise IntegrityError(f"{name}: segment header checksum mismatch")
         _magic, major, _flags, number, pid, loff, _r = SEGMENT_HEADER.unpack(body)
         if major != FORMAT_MAJOR:

@@ -538,20 +538,27 @@ def test_damage_is_detected_named_and_never_restored(tmp_path: Path, repo: Path,
     assert chain.files[which].read_bytes() == damaged_bytes
 
 
-def test_damaged_block_superseded_by_the_child_only_fails_the_parent(tmp_path: Path, repo: Path) -> None:
-    chain = make_chain(tmp_path, repo)
+def damage_full_block(chain: Chain, superseded: bool) -> int:
+    """Flip a byte in the payload of a DATA block of the full point that the incremental stored anew
+    (superseded) or still takes from the full point; returns the block number."""
     res = open_point(str(chain.files["full"]))
     with PointReader(res.repo.store, res.point) as r:
         idx = r.index()
-    e = next(e for e in idx if int(e["block"]) in chain.changed and e["kind"] == spec.BLOCK_DATA)
+    e = next(e for e in idx if (int(e["block"]) in chain.changed) == superseded and e["kind"] == spec.BLOCK_DATA)
     flip(chain.files["full"], spec.SEGMENT_HEADER_SIZE + int(e["offset"]) + 5)
+    return int(e["block"])
+
+
+def test_damaged_block_superseded_by_the_child_only_fails_the_parent(tmp_path: Path, repo: Path) -> None:
+    chain = make_chain(tmp_path, repo)
+    block = damage_full_block(chain, superseded=True)
     rep = verify(Repository.open(str(repo)))
     bad = {p.point_id: p.bad_blocks for p in rep.points}
-    assert bad == {chain.ids["full"]: [int(e["block"])], chain.ids["incr"]: []}
+    assert bad == {chain.ids["full"]: [block], chain.ids["incr"]: []}
     ic_ok("restore", f"{repo}::{chain.ids['incr'][:8]}", tmp_path / "incr.img")
     assert (tmp_path / "incr.img").read_bytes() == chain.volumes["incr"]
     line = one_line_error(ic("restore", f"{repo}::{chain.ids['full'][:8]}", tmp_path / "full.img"), 7)
-    assert chain.rel("full") in line and f"block {int(e['block'])}" in line
+    assert chain.rel("full") in line and f"block {block}" in line
     assert not (tmp_path / "full.img").exists()
     assert {p.point_id: p.ok for p in rep.points} == {chain.ids["full"]: False, chain.ids["incr"]: True}
 
@@ -559,16 +566,12 @@ def test_damaged_block_superseded_by_the_child_only_fails_the_parent(tmp_path: P
 def test_a_damaged_block_the_child_still_uses_fails_the_child_too(tmp_path: Path, repo: Path) -> None:
     """verify says which later points cannot be restored because of a damaged block of an earlier one."""
     chain = make_chain(tmp_path, repo)
-    res = open_point(str(chain.files["full"]))
-    with PointReader(res.repo.store, res.point) as r:
-        idx = r.index()
-    e = next(e for e in idx if int(e["block"]) not in chain.changed and e["kind"] == spec.BLOCK_DATA)
-    flip(chain.files["full"], spec.SEGMENT_HEADER_SIZE + int(e["offset"]) + 5)
+    block = damage_full_block(chain, superseded=False)
     rep = verify(Repository.open(str(repo)))
     mine = {p.point_id: p for p in rep.points}
     child = mine[chain.ids["incr"]]
     assert not child.ok and child.bad_blocks == [], child
-    assert any("cannot be restored" in t and str(int(e["block"])) in t and chain.ids["full"][:8] in t
+    assert any("cannot be restored" in t and str(block) in t and chain.ids["full"][:8] in t
                for t in child.problems), child.problems  # fmt: skip
     v = ic("verify", repo)
     assert v.returncode == 7 and v.stdout.count("FAILED") == 2, v.stdout
@@ -825,11 +828,7 @@ def test_the_next_backup_heals_a_chain_that_verify_found_damaged(tmp_path: Path,
     """verify records the damaged blocks; the next incremental stores them anew even though the volume
     did not change there, so the new point (and the chain from it on) restores bit-exact again."""
     chain = make_chain(tmp_path, repo)
-    res = open_point(str(chain.files["full"]))
-    with PointReader(res.repo.store, res.point) as r:
-        idx = r.index()
-    e = next(e for e in idx if int(e["block"]) not in chain.changed and e["kind"] == spec.BLOCK_DATA)
-    flip(chain.files["full"], spec.SEGMENT_HEADER_SIZE + int(e["offset"]) + 5)
+    damage_full_block(chain, superseded=False)
     v = ic("verify", repo)
     assert v.returncode == 7 and "stores them anew" in v.stdout, v.stdout
     vol = tmp_path / "vol.img"

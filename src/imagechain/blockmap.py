@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .state import StateHasher
-
 
 @dataclass
 class BlockMap:
@@ -26,18 +24,8 @@ class BlockMap:
     start: int = 0
 
     @property
-    def count(self) -> int:
-        return len(self.kind)
-
-    @property
     def end(self) -> int:
         return self.start + len(self.kind)
-
-    def state_digest(self) -> bytes:
-        """Of a whole map (start 0, every block)."""
-        h = StateHasher(self.volume_size, self.block_size)
-        h.update(self.kind, self.digest)
-        return h.digest()
 
     def raw_length(self, block: int) -> int:
         return min(self.block_size, self.volume_size - block * self.block_size)

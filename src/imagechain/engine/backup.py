@@ -27,7 +27,7 @@ from ..format.reader import PointFiles, PointReader, SegmentFile, assemble, scan
 from ..format.writer import ImageWriter
 from ..identity import HostIdentity, local_host
 from ..lock import ChainLock
-from ..mapcache import MapFile, MapWriter, commit_tip, default_cache_dir, open_cached
+from ..mapcache import MapFile, MapWriter, cache_path, commit_tip, default_cache_dir, open_cached
 from ..mounts import in_use
 from ..repository import Repository
 from ..sources import Source, check_name, open_source, same_source
@@ -284,7 +284,7 @@ class _Job:
             except BaseException:
                 w.abort()
                 raise
-            path = os.path.join(folder, f"{parent.point_id.hex}-{state.hex()[:32]}.map")
+            path = cache_path(folder, parent.point_id, state)
             if not w.commit(path):
                 raise OSError(f"cannot write a block map in {folder}")
             mf = MapFile(path)
@@ -411,21 +411,30 @@ def recover_leftovers(store: Store, cat: Catalog, folder: str, note: Callable[[s
     def mine(name: str) -> bool:
         return name.startswith(folder + "/")
 
-    groups: dict[uuid.UUID, list[SegmentFile]] = {
-        pid: [] for pid, names in cat.incomplete.items() if all(map(mine, names)) and _cut_off(store, names)
-    }
+    def published(pid: uuid.UUID) -> list[SegmentFile]:
+        found = (scan_file(store, StoreEntry(n, store.size(n))) for n, p in cat.by_file.items() if p == pid)
+        return [f for f in found if f is not None]
+
+    groups: dict[uuid.UUID, tuple[list[SegmentFile], list[SegmentFile]]] = {}  # point: (published, temps)
+    for pid, names in cat.incomplete.items():
+        if all(map(mine, names)):
+            files = published(pid)
+            if _cut_off(files):
+                groups[pid] = (files, [])
     strays: list[str] = []  # temporaries that name no point
     for name in filter(mine, cat.leftovers):
         sf = scan_file(store, StoreEntry(name, store.size(name)))
         if sf is None or sf.seg.number < 0:
             strays.append(name)
         else:
-            groups.setdefault(sf.seg.point_id, []).append(sf)
+            pid = sf.seg.point_id
+            if pid not in groups:
+                groups[pid] = (published(pid), [])
+            groups[pid][1].append(sf)
     changed = False
     with interrupts.deferred():  # a stop signal waits until this point's files are put right
-        for pid, temps in groups.items():
-            published = [scan_file(store, StoreEntry(n, store.size(n))) for n, p in cat.by_file.items() if p == pid]
-            files = [f for f in published if f is not None] + temps
+        for pid, (done, temps) in groups.items():
+            files = done + temps
             whole = assemble(pid, files).point
             if whole is not None:
                 for f in whole.segments:
@@ -455,16 +464,15 @@ def recover_leftovers(store: Store, cat: Catalog, folder: str, note: Callable[[s
     return changed
 
 
-def _cut_off(store: Store, names: list[str]) -> bool:
+def _cut_off(files: list[SegmentFile]) -> bool:
     """Published segments of a point whose footer segment never was: segment 0 among them and every one
     exactly the split size, i.e. all of them middle segments, as a writer killed between its renames
     leaves them once its temporary is lost. A finished point whose footer was damaged or cut (its last
     segment is shorter, or the only one) does not look like this, and is kept for a person to inspect."""
-    files = [scan_file(store, StoreEntry(n, store.size(n))) for n in names]
-    first = next((f for f in files if f is not None and f.header is not None and f.seg.number == 0), None)
+    first = next((f for f in files if f.header is not None and f.seg.number == 0), None)
     if first is None or first.header is None or not first.header.split_size:
         return False
-    return all(f is not None and f.size == first.header.split_size for f in files)
+    return all(f.size == first.header.split_size for f in files)
 
 
 def _items(src: Source, bs: int, pmap: MapFile | None, forced: np.ndarray) -> Iterator[_Item]:
@@ -497,7 +505,7 @@ def _items(src: Source, bs: int, pmap: MapFile | None, forced: np.ndarray) -> It
 
 def _run(
     src: Source, bs: int, codec: CodecParams, pmap: MapFile | None, writer: ImageWriter,
-    cachew: MapWriter, threads: int, progress: Progress, forced: np.ndarray | None = None,
+    cachew: MapWriter, threads: int, progress: Progress, forced: np.ndarray,
 ) -> _Stats:  # fmt: skip
     size = src.size
     n_total = block_count(size, bs)
@@ -550,7 +558,7 @@ def _run(
     progress.start("backup", size)
     # every thread of the pipeline is stopped and joined before this returns or raises, so none of them
     # outlives the backup or touches the source after it is closed
-    feed = prefetch(_items(src, bs, pmap, forced if forced is not None else np.zeros(0, np.int64)), 3)
+    feed = prefetch(_items(src, bs, pmap, forced), 3)
     results = ordered_map(work, feed, threads, threads * 2)
     try:
         for ch in results:

@@ -30,6 +30,7 @@ from ..mounts import in_use
 from ..repository import Repository
 from ..sources import device_size
 from ..stores import TEMP_MARK
+from ..stores.local import fsync_folder
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
 
@@ -296,7 +297,7 @@ class Target:
                         raise
                     os.rename(self.tmp, self.path)  # filesystems without hard links (FAT, exFAT)
                 self.tmp = ""
-            _fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+            fsync_folder(os.path.dirname(os.path.abspath(self.path)))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -373,20 +374,6 @@ def _refuse_repository_file(path: str, st: os.stat_result | None, repo: Reposito
             continue
         if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
             raise TargetError(f"restore target {path} is the repository file {entry.name} (the same file)")
-
-
-def _fsync_folder(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:

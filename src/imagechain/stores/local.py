@@ -21,22 +21,30 @@ _NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.
 _NO_DIR_OPEN = _NO_DIR_FSYNC | {errno.EPERM, errno.EACCES}
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_folder(path: str) -> None:
     """Make a folder's entries durable. Filesystems that cannot fsync a folder are let through; any
-    other failure (EIO above all: an entry may be lost) fails the operation."""
+    other failure (EIO above all: an entry may be lost) raises OSError."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError as e:
         if e.errno in _NO_DIR_OPEN:
             return
-        _raise_io(e, f"folder {path} (opening it to fsync)")
+        raise
     try:
         os.fsync(fd)
     except OSError as e:
         if e.errno not in _NO_DIR_FSYNC:
-            _raise_io(e, f"folder {path} (fsync)")
+            raise
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    """fsync_folder for the repository: a failure is the repository's."""
+    try:
+        fsync_folder(path)
+    except OSError as e:
+        _raise_io(e, f"folder {path} (fsync)")
 
 
 def _make_dirs(path: str) -> None:

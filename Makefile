@@ -1,8 +1,8 @@
 # Everything a newcomer needs, on a fresh Debian machine as root: `make demo`, `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := e2fsprogs dosfstools exfatprogs exfat-fuse fusefat ntfs-3g fuse3 zstd util-linux
-BENCH_PACKAGES := borgbackup restic
+SYSTEM_PACKAGES := e2fsprogs dosfstools exfatprogs exfat-fuse fusefat ntfs-3g fuse3 zstd util-linux xfsprogs fdisk gdisk mtools
+BENCH_PACKAGES := borgbackup restic partclone
 
 .PHONY: test check demo bench system-deps clean
 

@@ -57,7 +57,10 @@ def test_backup_list_info_verify_restore(tmp_path: Path, repo: Path) -> None:
     v0 = write_volume(vol, 3 << 20, seed=21)
     full = js("backup", vol, repo)
     assert (full["kind"], full["sequence"], full["chain"], full["source"]) == ("full", 0, "default", "vol.img")
-    assert full["volume_size"] == len(v0) and full["block_size"] == BS and full["notices"] == []
+    assert full["volume_size"] == len(v0) and full["block_size"] == BS
+    # random data is no filesystem: every block is read, and the backup says why
+    assert full["notices"] == ["volume: no filesystem recognised; every block of it is read"]
+    assert full["used_map"] == "all blocks (no filesystem recognised)" and full["unused_blocks"] == 0
     assert all((repo / f).is_file() for f in full["files"])
     assert full["file_bytes"] == sum((repo / f).stat().st_size for f in full["files"])
 

@@ -145,7 +145,7 @@ def test_frame_directory_tiles_the_index_and_lets_a_reader_skip_frames(
     data, pid = framed_point(tmp_path, repo, monkeypatch)
     p = point_of(repo, pid)
     ft = p.footer
-    assert p.header.minor == 1
+    assert p.header.minor == spec.FORMAT_MINOR >= 1
     with PointReader(Repository.open(str(repo)).store, p) as r:
         d = r.directory()
         assert d is not None and len(d) >= 4, d
@@ -278,7 +278,7 @@ def test_format_1_0_point_without_directory_lists_verifies_restores_and_is_conti
     vol.write_bytes(v1)
     r1 = backup(str(vol), str(repo), cache_dir=None)
     assert (r1.kind, r1.parent_id, r1.changed_blocks) == ("incremental", r0.point_id, 3)
-    assert point_of(repo, r1.point_id).header.minor == spec.FORMAT_MINOR == 1
+    assert point_of(repo, r1.point_id).header.minor == spec.FORMAT_MINOR == 2
     rep = verify(Repository.open(str(repo)))
     assert rep.ok and [p.point_id for p in rep.points] == [r0.point_id, r1.point_id], rep.as_dict()
     ok("verify", f"{repo}::{r1.point_id[:8]}")

@@ -26,6 +26,7 @@ from .codec import CodecParams
 from .damage import DamageRecord
 from .engine.backup import backup as run_backup
 from .engine.backup import check_block_size, check_split_size
+from .engine.restore import partition_window
 from .engine.restore import restore as run_restore
 from .engine.verify import verify as run_verify
 from .errors import ImagechainError, IntegrityError, UsageError
@@ -138,11 +139,13 @@ def main(debug: bool) -> None:
               "(the point is marked: it may not be consistent).")
 @click.option("--source-moved", is_flag=True, help="The source is the chain's volume on another device or file "
               "(moved, restored, re-plugged): continue its chain.")
+@click.option("--all-blocks", is_flag=True, help="Read and keep every block, also those the filesystem does not "
+              "use (by default they are recorded as unused, never read or stored).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, block_size: str | None,
            compression: str | None, split_size: str | None, host_name: str | None, source_name: str | None,
-           init: bool, allow_mounted: bool, source_moved: bool, as_json: bool) -> None:  # fmt: skip
+           init: bool, allow_mounted: bool, source_moved: bool, all_blocks: bool, as_json: bool) -> None:  # fmt: skip
     """Back up SOURCE (image file or block device) into the repository folder REPO."""
     res = run_backup(
         source, repo, chain=chain, full=full, parent=parent,
@@ -150,16 +153,17 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
         codec=CodecParams.parse(compression) if compression else None,
         split_size=_size_option(split_size, check_split_size),
         host=local_host(host_name) if host_name is not None else None, source_name=source_name,
-        source_moved=source_moved, allow_mounted=allow_mounted, init=init,
+        source_moved=source_moved, allow_mounted=allow_mounted, all_blocks=all_blocks, init=init,
         progress=BarProgress(not as_json),
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(res.as_dict(), indent=1))
         return
-    rate = res.read_bytes / res.duration_s if res.duration_s else 0
+    rate = res.volume_size / res.duration_s if res.duration_s else 0
     click.echo(
         f"{res.kind} point {res.point_id[:8]} (#{res.sequence} of chain {res.chain!r}): "
-        f"read {human(res.read_bytes)}, changed {human(res.changed_bytes)} ({res.changed_blocks} blocks), "
+        f"read {human(res.read_bytes)} of {human(res.volume_size)} ({res.used_map}), "
+        f"changed {human(res.changed_bytes)} ({res.changed_blocks} blocks), "
         f"stored {human(res.file_bytes)} in {len(res.files)} file(s), {res.duration_s:.1f} s, {human(rate)}/s"
     )
 
@@ -279,13 +283,15 @@ def info(point: str, as_json: bool) -> None:
     with PointReader(res.repo.store, p) as r:
         summary = r.summary()
     parent = res.catalog.points.get(h.parent_id) if h.parent_id else None
-    data = {
+    data: dict[str, Any] = {
         **_row(p, res.repo, res.catalog), "format": f"{spec.FORMAT_MAJOR}.{h.minor}",
         "parent_file": parent.name if parent else h.metadata.get("parent_file"),
         "host_id": h.host_id.hex(), "source_id": h.source_id.hex(),
         "source_path": h.metadata.get("source_path"), "source_identity": h.metadata.get("source_identity"),
         "compression": str(CodecParams(h.compression, h.compression_level)), "split_size": h.split_size,
         "encryption": "none" if h.encryption == spec.ENCRYPTION_NONE else "aes-256-gcm",
+        "used_map": h.metadata.get("used_map", "all blocks"),
+        **({"layout": h.metadata["layout"]} if isinstance(h.metadata.get("layout"), dict) else {}),
         "warnings": _warnings(h, summary),
         "summary": summary,
     }  # fmt: skip
@@ -300,11 +306,29 @@ def info(point: str, as_json: bool) -> None:
         return str(v)
 
     for k, v in data.items():  # plain lines: never wrapped, whatever the terminal
-        if k == "summary":
+        if k == "layout":
+            for line in _layout_lines(v):
+                click.echo(line)
+        elif k == "summary":
             for sk, sv in v.items():
                 click.echo(f"  {sk:<16} {shown(sk, sv)}")
         else:
             click.echo(f"{k:<20} {shown(k, v)}")
+
+
+def _layout_lines(layout: dict[str, Any]) -> list[str]:
+    """A disk point's partition table, one line per partition with the used-block map of its filesystem."""
+    out = [f"{'layout':<20} {layout.get('kind')} partition table, disk id {layout.get('disk_id')}, "
+           f"{layout.get('sector_size')}-byte sectors"]  # fmt: skip
+    volumes = {v.get("number"): v for v in layout.get("volumes", []) if isinstance(v, dict)}
+    for p in layout.get("partitions", []):
+        vol = volumes.get(p.get("number"), {})
+        start, size = int(p.get("start", 0)), int(p.get("size", 0))
+        name = f" {p['name']!r}" if p.get("name") else ""
+        out.append(f"  partition {p.get('number'):<6} start {start} ({human(start)}), size {human(size)} "
+                   f"({size} bytes), type {p.get('type')}{name}: {vol.get('fs') or '?'}, "
+                   f"{vol.get('used_map', 'all blocks')}")  # fmt: skip
+    return out
 
 
 def _warnings(h: spec.PointHeader, summary: dict[str, object]) -> list[str]:
@@ -324,19 +348,24 @@ def _warnings(h: spec.PointHeader, summary: dict[str, object]) -> list[str]:
               "block digest and the state digest prove the result.")
 @click.option("--overwrite-mounted", is_flag=True, help="Write even to a device or file whose filesystem is "
               "mounted (corrupts what is mounted; --force alone refuses).")
+@click.option("--partition", type=int, metavar="N", help="Restore only partition N of a whole-disk point (numbers "
+              "as `info` shows them) to DEST.")
+@click.option("--discard", is_flag=True, help="On a device, discard blocks the filesystem did not use instead of "
+              "zeroing them (they then read as whatever the device returns).")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def restore(point: str, dest: str, delta: bool, force: bool, salvage: bool, overwrite_mounted: bool,
-            as_json: bool) -> None:  # fmt: skip
+            partition: int | None, discard: bool, as_json: bool) -> None:  # fmt: skip
     """Restore POINT to DEST (a file or block device), bit for bit."""
     res = open_point(point, salvage=salvage)
+    window = partition_window(res.point.header, partition) if partition is not None else None
     bar = BarProgress(not as_json)
     for p in res.catalog.lineage(res.point):
         if p.point_id in res.catalog.salvageable:
             bar.notice(f"{describe(p)} is damaged in its header only; using it (--salvage): every block "
                        f"digest and the state digest must still prove what is restored")  # fmt: skip
-    r = run_restore(res.repo, res.point, dest, delta=delta, force=force, progress=bar,
-                    cat=res.catalog, overwrite_mounted=overwrite_mounted)
+    r = run_restore(res.repo, res.point, dest, delta=delta, force=force, progress=bar, cat=res.catalog,
+                    overwrite_mounted=overwrite_mounted, window=window, discard=discard)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=1))
         return

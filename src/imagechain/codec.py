@@ -54,8 +54,20 @@ class _Local(threading.local):
 _local = _Local()
 
 
+PROBE = 4096  # bytes of a block tried with lz4 first: data that does not shrink at all is not compressed
+PROBE_KEEP = 0.97  # a probe that compresses to more than this fraction: the block is stored raw
+
+
+def incompressible(block: bytes | memoryview) -> bool:
+    """Media, compressed archives and encrypted volumes do not compress: one fast lz4 pass over the
+    block's first 4 KiB (a few microseconds) spares a full compression pass whose result is thrown away."""
+    return len(block) >= 4 * PROBE and len(lz4.block.compress(block[:PROBE], store_size=False)) > PROBE * PROBE_KEEP
+
+
 def encode(params: CodecParams, block: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     """Return (payload codec, payload). Falls back to raw when compression does not shrink the block."""
+    if params.compression != spec.COMPRESSION_NONE and incompressible(block):
+        return spec.PAYLOAD_RAW, block
     if params.compression == spec.COMPRESSION_ZSTD:
         zc = _local.zc.get(params.level)
         if zc is None:

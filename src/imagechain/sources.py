@@ -49,6 +49,7 @@ override is for: the source cannot tell them from a copy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -101,6 +102,24 @@ class Source:
                 f"it was {self.size} bytes when the backup started"
             )
         return data
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill view with the bytes at offset (no copy through an intermediate buffer)."""
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise SourceError(f"cannot read source {self.path} at {offset + done}: {e.strerror}") from e
+            if n == 0:
+                raise SourceError(f"source {self.path} ended at {offset + done} bytes while reading; "
+                                  f"it was {self.size} bytes when the backup started")  # fmt: skip
+            done += n
+
+    def drop_cache(self, offset: int, length: int) -> None:
+        """What the backup has read is of no further use to the host: keep its page cache for others."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def hole(self, offset: int, length: int) -> bool:
         """True when [offset, offset+length) of an image file is a hole (reads as zeros, costs no read)."""

@@ -33,6 +33,7 @@ from ..repository import Repository
 from ..sources import Source, check_name, open_source, same_source
 from ..state import StateHasher
 from ..stores import Store, StoreEntry, temporary_of
+from ..usage import Usage, volume_usage
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
 
@@ -76,6 +77,8 @@ class BackupResult:
     file_bytes: int
     duration_s: float
     state_digest: str
+    unused_blocks: int = 0
+    used_map: str = ""  # how the blocks to read were chosen (metadata used_map)
     parent_id: str | None = None
     lineage_check_s: float = 0.0  # proving the stored indexes of the lineage built on
     notices: list[str] = field(default_factory=list)
@@ -97,6 +100,7 @@ class _Stats:
     stored_bytes: int = 0
     data_blocks: int = 0
     zero_blocks: int = 0
+    unused_blocks: int = 0
     state: bytes = b""
 
     def summary(self, duration_s: float, warnings: list[str]) -> dict[str, object]:
@@ -107,11 +111,12 @@ class _Stats:
 
 @dataclass
 class _Item:
-    """A run of blocks for the pipeline: read data, or None for a hole; the parent's map of the run."""
+    """A run of blocks for the pipeline, planned but not yet read; the parent's map of the run."""
 
     start: int
     blocks: int
-    data: bytes | None
+    hole: bool  # nothing to read: a hole of an image file, or blocks no filesystem uses
+    used: np.ndarray | None  # bool per block of the run: the filesystem uses it (None: all are read)
     pkind: np.ndarray | None
     pdigest: np.ndarray | None
     force: np.ndarray  # blocks (relative) to store anew whatever the comparison says: healing
@@ -125,6 +130,7 @@ class _Chunk:
     changed: np.ndarray  # indices (within the chunk) of blocks that differ from the parent
     payloads: list[tuple[int, bytes | memoryview]]  # for changed DATA blocks, in order
     raw_changed: int
+    read: int  # bytes read from the source
 
 
 def backup(
@@ -141,6 +147,7 @@ def backup(
     source_name: str | None = None,
     source_moved: bool = False,
     allow_mounted: bool = False,
+    all_blocks: bool = False,
     init: bool = False,
     cache_dir: str | None = "",
     threads: int | None = None,
@@ -149,7 +156,8 @@ def backup(
     """Make the next point of `chain` for the source: incremental when the chain exists, else full.
 
     `parent` (an address within the repository: a point id prefix or CHAIN@SEL) picks the point to
-    continue when the chain has forked."""
+    continue when the chain has forked. `all_blocks` reads every block even where the filesystem's
+    used-block map would skip the unused ones."""
     if block_size is not None:
         check_block_size(block_size)
     if split_size is not None:
@@ -172,7 +180,7 @@ def backup(
                          src.lock_record())  # fmt: skip
         with lock:
             job = _Job(src, repo, host, chain, full, parent, block_size, codec, split_size, cache,
-                       threads or default_threads(), progress, lock, source_moved, mounted)  # fmt: skip
+                       threads or default_threads(), progress, lock, source_moved, mounted, all_blocks)  # fmt: skip
             for n in lock.notices:
                 job.note(n)
             return job.run()
@@ -195,6 +203,7 @@ class _Job:
     lock: ChainLock
     source_moved: bool = False
     mounted: str = ""  # --allow-mounted: what was mounted read-write while the source was read
+    all_blocks: bool = False
     notices: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:
@@ -321,6 +330,7 @@ class _Job:
             chain_id, sequence = uuid.uuid4(), 0
         if fs == "vfat" and (split == 0 or split > FAT_SPLIT):
             split = FAT_SPLIT
+        usage = self._usage(bs)
         point_id = uuid.uuid4()
         created = time.time_ns() // 1000
         header = spec.PointHeader(
@@ -337,6 +347,7 @@ class _Job:
                 **({"parent_file": parent.name.rpartition("/")[2]} if parent else {}),
                 **({FOLLOWS: gen[0].header.chain_id.hex} if parent is None and gen else {}),
                 **({"mounted_while_read": self.mounted} if self.mounted else {}),
+                "used_map": usage.method, **({"layout": usage.layout} if usage.layout else {}),
             },
         )  # fmt: skip
         base = repo.point_base(chain_dir, created, sequence, parent is None, point_id.hex)
@@ -346,7 +357,7 @@ class _Job:
         writer = ImageWriter(repo.store, base, header, split)
         cachew = MapWriter(self.cache, src.size, bs)
         try:
-            stats = _run(src, bs, codec, pmap, writer, cachew, self.threads, self.progress, heal)
+            stats = _run(src, bs, codec, pmap, writer, cachew, self.threads, self.progress, heal, usage.used)
             warnings = src.check_unchanged()  # a size change is an error: nothing is published
             for w in warnings:
                 self.note(w)
@@ -372,9 +383,18 @@ class _Job:
             block_size=bs, read_bytes=stats.read_bytes, changed_blocks=stats.changed_blocks,
             changed_bytes=stats.changed_bytes, stored_bytes=stats.stored_bytes,
             file_bytes=sum(repo.store.size(f) for f in files), duration_s=time.monotonic() - t0,
-            state_digest=stats.state.hex(), parent_id=str(parent.point_id) if parent else None,
-            notices=self.notices,
+            state_digest=stats.state.hex(), unused_blocks=stats.unused_blocks, used_map=usage.method,
+            parent_id=str(parent.point_id) if parent else None, notices=self.notices,
         )  # fmt: skip
+
+
+    def _usage(self, bs: int) -> Usage:
+        """Which blocks to read: the used-block map of the source's filesystem(s), from the source itself."""
+        src = self.src
+        usage = volume_usage(src.read, src.size, bs, self.all_blocks)
+        for n in usage.notices:
+            self.note(n)
+        return usage
 
 
 def check_not_mounted(src: Source, allow: bool, progress: Progress) -> str:
@@ -475,37 +495,57 @@ def _cut_off(files: list[SegmentFile]) -> bool:
     return all(f.size == first.header.split_size for f in files)
 
 
-def _items(src: Source, bs: int, pmap: MapFile | None, forced: np.ndarray) -> Iterator[_Item]:
-    """The volume in chunks, in order; holes of image files as one item without a read."""
+def _items(src: Source, bs: int, pmap: MapFile | None, forced: np.ndarray, used: np.ndarray | None) -> Iterator[_Item]:
+    """The volume in chunks, in order, planned without reading: a run of chunks with nothing to read (holes
+    of image files, blocks no filesystem uses) is one item."""
     size = src.size
     n_total = block_count(size, bs)
     per_chunk = max(1, CHUNK_BYTES // bs)
+
+    def empty(s: int, n: int) -> bool:
+        return (used is not None and not used[s : s + n].any()) or src.hole(s * bs, min(n * bs, size - s * bs))
+
     start = 0
     while start < n_total:
         n = min(per_chunk, n_total - start)
-        off = start * bs
-        length = min(n * bs, size - off)
-        data: bytes | None = None
-        if src.hole(off, length):
+        hole = empty(start, n)
+        if hole:
             while start + n < n_total and n < per_chunk * HOLE_SPAN:
                 more = min(per_chunk, n_total - start - n)
-                if not src.hole((start + n) * bs, min(more * bs, size - (start + n) * bs)):
+                if not empty(start + n, more):
                     break
                 n += more
-        else:
-            data = src.read(off, length)
         pk = pd = None
         if pmap is not None and start < pmap.n:
             w = pmap.window(start, start + n)
             pk, pd = w.kind, w.digest
         force = forced[(forced >= start) & (forced < start + n)] - start
-        yield _Item(start, n, data, pk, pd, force)
+        yield _Item(start, n, hole, None if used is None else used[start : start + n], pk, pd, force)
         start += n
+
+
+def _read(src: Source, bs: int, item: _Item) -> tuple[bytearray, int]:
+    """The item's blocks that the filesystem uses, read in runs into one buffer (unused ones stay zero);
+    then dropped from the page cache, so a backup does not evict what the host keeps cached."""
+    off = item.start * bs
+    length = min(item.blocks * bs, src.size - off)
+    buf = bytearray(length)
+    view = memoryview(buf)
+    if item.used is None or item.used.all():
+        runs = [(0, length)]
+    else:
+        edges = np.diff(np.concatenate(([0], item.used.view(np.int8), [0])))
+        firsts, ends = np.flatnonzero(edges == 1) * bs, np.flatnonzero(edges == -1) * bs
+        runs = [(a, min(b, length) - a) for a, b in zip(firsts.tolist(), ends.tolist(), strict=True)]
+    for a, n in runs:
+        src.read_into(off + a, view[a : a + n])
+    src.drop_cache(off, length)
+    return buf, sum(n for _, n in runs)
 
 
 def _run(
     src: Source, bs: int, codec: CodecParams, pmap: MapFile | None, writer: ImageWriter,
-    cachew: MapWriter, threads: int, progress: Progress, forced: np.ndarray,
+    cachew: MapWriter, threads: int, progress: Progress, forced: np.ndarray, used: np.ndarray | None = None,
 ) -> _Stats:  # fmt: skip
     size = src.size
     n_total = block_count(size, bs)
@@ -515,13 +555,18 @@ def _run(
         pass
 
     def work(item: _Item) -> _Chunk:
-        start, n, data = item.start, item.blocks, item.data
+        """Read (workers read in parallel, so the device always has several requests queued), then find
+        zero blocks, digest the rest, compare with the parent map and compress what changed."""
+        start, n = item.start, item.blocks
         vol_bytes = min(n * bs, size - start * bs)
         kinds = np.full(n, spec.BLOCK_DATA, np.uint8)
-        if data is None:
+        data: bytearray | None = None
+        nread = 0
+        if item.hole:
             kinds[:] = spec.BLOCK_ZERO
             digests = np.zeros((n, 32), np.uint8)
         else:
+            data, nread = _read(src, bs, item)
             mv = memoryview(data)
             nfull = len(data) // bs
             if nfull:
@@ -529,10 +574,14 @@ def _run(
                 kinds[:nfull][~words.any(axis=1)] = spec.BLOCK_ZERO
             if nfull < n and not np.frombuffer(data, np.uint8, offset=nfull * bs).any():
                 kinds[nfull] = spec.BLOCK_ZERO
+            if item.used is not None:
+                kinds[~item.used] = spec.BLOCK_UNUSED
             dbuf = bytearray(32 * n)
             for j in np.flatnonzero(kinds == spec.BLOCK_DATA).tolist():
                 dbuf[32 * j : 32 * j + 32] = blake3.blake3(mv[j * bs : (j + 1) * bs]).digest()
             digests = np.frombuffer(dbuf, np.uint8).reshape(n, 32)
+        if item.hole and item.used is not None:
+            kinds[~item.used] = spec.BLOCK_UNUSED
         if item.pkind is not None and item.pdigest is not None:
             m = len(item.pkind)
             changed = np.ones(n, bool)
@@ -551,15 +600,16 @@ def _run(
             if kinds[j] == spec.BLOCK_DATA:
                 assert data is not None
                 payloads.append(encode(codec, memoryview(data)[j * bs : j * bs + ln]))
-        return _Chunk(start, kinds, digests, idx, payloads, raw)
+        return _Chunk(start, kinds, digests, idx, payloads, raw, nread)
 
     state = StateHasher(size, bs)
     st = _Stats(n_total, size)
     progress.start("backup", size)
     # every thread of the pipeline is stopped and joined before this returns or raises, so none of them
-    # outlives the backup or touches the source after it is closed
-    feed = prefetch(_items(src, bs, pmap, forced), 3)
-    results = ordered_map(work, feed, threads, threads * 2)
+    # outlives the backup or touches the source after it is closed; one worker more than there are cores,
+    # so that a worker waiting for the disk leaves none of them idle
+    feed = prefetch(_items(src, bs, pmap, forced, used), 3)
+    results = ordered_map(work, feed, threads + 1, threads * 2 + 2)
     try:
         for ch in results:
             n = len(ch.kinds)
@@ -576,20 +626,21 @@ def _run(
                 if len(rows) != len(ch.payloads):
                     raise AssertionError("payload count does not match changed data blocks")
                 ent["codec"][rows] = [c for c, _ in ch.payloads]
-                ent["offset"][rows] = [writer.append(p) for _, p in ch.payloads]
+                ent["offset"][rows] = writer.append_payloads([p for _, p in ch.payloads])
                 lengths = [len(p) for _, p in ch.payloads]
                 ent["length"][rows] = lengths
                 st.stored_bytes += sum(lengths)
                 st.stored_blocks += len(rows)
-                writer.add_entries(_merge_zero_runs(ent))
+                writer.add_entries(_merge_runs(ent))
             st.changed_blocks += k
             st.changed_bytes += ch.raw_changed
             z = int(np.count_nonzero(ch.kinds == spec.BLOCK_ZERO))
+            u = int(np.count_nonzero(ch.kinds == spec.BLOCK_UNUSED))
             st.zero_blocks += z
-            st.data_blocks += n - z
-            nbytes = min(n * bs, size - ch.start * bs)
-            st.read_bytes += nbytes
-            progress.advance(nbytes)
+            st.unused_blocks += u
+            st.data_blocks += n - z - u
+            st.read_bytes += ch.read
+            progress.advance(min(n * bs, size - ch.start * bs))
     finally:
         results.close()
         feed.close()
@@ -598,15 +649,17 @@ def _run(
     return st
 
 
-def _merge_zero_runs(ent: np.ndarray) -> np.ndarray:
-    """Collapse consecutive ZERO entries into runs (count > 1): a zeroed area costs one entry."""
-    zero = ent["kind"] == spec.BLOCK_ZERO
-    if zero.sum() < 2:
+def _merge_runs(ent: np.ndarray) -> np.ndarray:
+    """Collapse consecutive ZERO entries, and consecutive UNUSED ones, into runs (count > 1): a zeroed or
+    unused area costs one entry."""
+    run = (ent["kind"] == spec.BLOCK_ZERO) | (ent["kind"] == spec.BLOCK_UNUSED)
+    if run.sum() < 2:
         return ent
     blocks = ent["block"].astype(np.int64)
-    # a row starts a new entry unless it is a zero block right after a zero block
+    kinds = ent["kind"]
+    # a row starts a new entry unless it continues a run of the same kind on the very next block
     cont = np.zeros(len(ent), bool)
-    cont[1:] = zero[1:] & zero[:-1] & (blocks[1:] == blocks[:-1] + 1)
+    cont[1:] = run[1:] & (kinds[1:] == kinds[:-1]) & (blocks[1:] == blocks[:-1] + 1)
     heads = np.flatnonzero(~cont)
     out = ent[heads].copy()
     ends = np.append(heads[1:], len(ent))

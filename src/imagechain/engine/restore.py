@@ -1,18 +1,24 @@
 """Restore a point to a file or block device, every block's digest checked before it is written.
 
---delta is CBC in reverse: read the target, digest its blocks, write only those that differ."""
+--delta is CBC in reverse: read the target, digest its blocks, write only those that differ. Zero and
+unused blocks are never written as buffers of zeros: a new file gets holes, an existing file has them
+punched, a device has them zeroed by the device (BLKZEROOUT) or, with --discard, unused ones discarded.
+A partition of a whole-disk point restores on its own (`window`)."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
 import itertools
 import os
 import secrets
 import stat
+import struct
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import blake3
 import numpy as np
@@ -27,6 +33,7 @@ from ..format.reader import PointFiles, PointReader
 from ..identity import local_host
 from ..lock import running_sources
 from ..mounts import in_use
+from ..partitions import relocate_gpt_backup
 from ..repository import Repository
 from ..sources import device_size
 from ..stores import TEMP_MARK
@@ -35,6 +42,11 @@ from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
 
 CHUNK_BYTES = 8 << 20
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 @dataclass
@@ -48,6 +60,8 @@ class RestoreResult:
     delta: bool
     duration_s: float
     state_digest: str
+    zeroed_bytes: int = 0  # zero and unused ranges made zero (or discarded) without writing buffers
+    notices: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -110,6 +124,16 @@ class _Piece:
     data: list[int]
 
 
+@dataclass
+class _Done:
+    """What a piece asks of the target: writes in block order, and runs to zero (block, count, unused)."""
+
+    covered: int
+    writes: list[tuple[int, bytes]]
+    zeros: list[tuple[int, int, bool]]
+    checked: int
+
+
 def restore(
     repo: Repository,
     point: PointFiles,
@@ -121,7 +145,11 @@ def restore(
     progress: Progress | None = None,
     cat: Catalog | None = None,
     overwrite_mounted: bool = False,
+    window: tuple[int, int] | None = None,
+    discard: bool = False,
 ) -> RestoreResult:
+    """Restore `point` to `target`; `window` = (offset, length) restores only those bytes of the volume (a
+    partition of a disk point) as a volume of their own."""
     t0 = time.monotonic()
     progress = progress or Silent()
     threads = threads or default_threads()
@@ -129,25 +157,33 @@ def restore(
     with MapStream(repo.store, points) as ms:
         ms.prove()  # the whole map against the point's state digest, before a byte is written
     h = point.header
-    bs, size = h.block_size, h.volume_size
+    bs, vsize = h.block_size, h.volume_size
+    base, size = window if window is not None else (0, vsize)
+    if base < 0 or size <= 0 or base + size > vsize:
+        raise TargetError(f"bytes {base}..{base + size} are not within the volume of {vsize} bytes")
     notes: list[str] = []
     tgt = Target.open(target, size, delta, force, repo, overwrite_mounted, notes)
     for n in notes:
         progress.notice(n)
-    job = _Restore(tgt.fd, bs, size, tgt.fresh, delta, PayloadSource(repo, points))
+    job = _Restore(tgt.fd, bs, vsize, tgt.fresh, delta, PayloadSource(repo, points), base, size)
     maps = MapStream(repo.store, points, locations=True)
     feed = prefetch(job.pieces(maps.windows()), 3)
     results = ordered_map(job.work, feed, threads, threads * 2)
-    written = written_blocks = checked = 0
+    written = written_blocks = checked = zeroed = 0
     try:
         progress.start("restore", size)
-        for e_bytes, writes, nchecked in results:
-            checked += nchecked
-            for off, buf in _coalesce(writes, bs):
-                _pwrite_full(tgt.fd, buf, off)
-                written += len(buf)
-            written_blocks += len(writes)
-            progress.advance(e_bytes)
+        for done in results:
+            checked += done.checked
+            for off, buf in _coalesce(done.writes, bs):
+                written += job.place(off, buf)
+            written_blocks += len(done.writes)
+            for first, count, unused in done.zeros:
+                zeroed += tgt.zero(*job.clip(first * bs, count * bs), discard and unused)
+            progress.advance(done.covered)
+        grown = window is None and tgt.is_dev and tgt.capacity > size and h.metadata.get("layout")
+        if grown and relocate_gpt_backup(tgt.fd, size, tgt.capacity, _sector_size(h.metadata["layout"])):
+            notes.append(f"moved the backup GPT header to the end of {target} ({tgt.capacity} bytes)")
+            progress.notice(notes[-1])
         tgt.finish()
     except BaseException as exc:
         results.close()  # stop the pipeline before the target goes
@@ -164,58 +200,126 @@ def restore(
         maps.close()
         tgt.close()
     return RestoreResult(str(point.point_id), target, size, written, written_blocks, checked, delta,
-                         time.monotonic() - t0, point.footer.state_digest.hex())  # fmt: skip
+                         time.monotonic() - t0, point.footer.state_digest.hex(), zeroed, notes)  # fmt: skip
+
+
+def partition_window(header: spec.PointHeader, number: int) -> tuple[int, int]:
+    """(offset, length) of partition `number` of a whole-disk point, from the layout its backup recorded."""
+    layout = header.metadata.get("layout")
+    if not isinstance(layout, dict):
+        raise TargetError(f"point {str(header.point_id)[:8]} is not of a disk with a partition table: "
+                          f"it has no partition {number}")  # fmt: skip
+    parts = layout.get("partitions")
+    for p in parts if isinstance(parts, list) else []:
+        if isinstance(p, dict) and p.get("number") == number:
+            return int(p["start"]), int(p["size"])
+    have = ", ".join(str(p.get("number")) for p in parts if isinstance(p, dict)) if isinstance(parts, list) else ""
+    raise TargetError(f"point {str(header.point_id)[:8]} has no partition {number} (it has: {have or 'none'})")
+
+
+def _sector_size(layout: object) -> int:
+    size = layout.get("sector_size") if isinstance(layout, dict) else None
+    return size if isinstance(size, int) and size in (512, 4096) else 512
 
 
 @dataclass
 class _Restore:
     fd: int
     bs: int
-    size: int
+    size: int  # of the volume
     fresh: bool
     delta: bool
     payloads: PayloadSource
+    base: int = 0  # the window of the volume restored: its first byte lands at the target's offset 0
+    length: int = 0
+
+    def clip(self, off: int, n: int) -> tuple[int, int]:
+        """Volume bytes [off, off + n) as (target offset, length) within the window."""
+        a, b = max(off, self.base), min(off + n, self.base + self.length, self.size)
+        return a - self.base, max(0, b - a)
+
+    def place(self, off: int, buf: bytes) -> int:
+        """Write volume bytes at volume offset off, the part inside the window; returns bytes written."""
+        t, n = self.clip(off, len(buf))
+        if n:
+            _pwrite_full(self.fd, memoryview(buf)[t + self.base - off : t + self.base - off + n], t)
+        return n
 
     def pieces(self, windows: Iterator[BlockMap]) -> Iterator[_Piece]:
         """Chunks of each window; a run of chunks with nothing to write to a new (sparse) file is one piece."""
         per_chunk = max(1, CHUNK_BYTES // self.bs)
+        first, end = self.base // self.bs, -(-(self.base + self.length) // self.bs)
         for bm in windows:
+            if bm.end <= first or bm.start >= end:
+                continue
             data = np.flatnonzero(bm.kind == spec.BLOCK_DATA) + bm.start
-            s = bm.start
-            while s < bm.end:
-                e = min(bm.end, s + per_chunk)
+            s, stop = max(bm.start, first), min(bm.end, end)
+            while s < stop:
+                e = min(stop, s + per_chunk)
                 lo, hi = np.searchsorted(data, [s, e])
                 if self.fresh and not self.delta and lo == hi:  # nothing to write up to the next data block
-                    e = max(e, int(data[hi]) if hi < len(data) else bm.end)
+                    e = min(stop, max(e, int(data[hi]) if hi < len(data) else stop))
+                    lo, hi = np.searchsorted(data, [s, e])
                 yield _Piece(bm, s, e, data[lo:hi].tolist())
                 s = e
 
-    def work(self, p: _Piece) -> tuple[int, list[tuple[int, bytes]], int]:
-        """(volume bytes covered, writes in block order, blocks checked)."""
-        covered = min(self.size, p.e * self.bs) - p.s * self.bs
+    def work(self, p: _Piece) -> _Done:
+        covered = sum(self.clip(p.s * self.bs, (p.e - p.s) * self.bs)[1:])
         if self.delta:
-            return covered, *self._delta(p)
+            return self._delta(p, covered)
         raws = self.payloads.verified(p.bm, p.data)
-        if self.fresh:
-            return covered, sorted(raws.items()), len(p.data)
-        return covered, [(b, raws.get(b) or bytes(p.bm.raw_length(b))) for b in range(p.s, p.e)], len(p.data)
+        zeros = [] if self.fresh else _runs(p, set(raws))  # a new file: holes already
+        return _Done(covered, sorted(raws.items()), zeros, len(p.data))
 
-    def _delta(self, p: _Piece) -> tuple[list[tuple[int, bytes]], int]:
-        """CBC in reverse: read the target, digest its blocks, fetch only payloads of blocks that differ."""
+    def _delta(self, p: _Piece, covered: int) -> _Done:
+        """CBC in reverse: read the target, digest its blocks, fetch only payloads of blocks that differ.
+        Unused blocks are neither read nor written: no filesystem needs what they hold."""
         bs, bm = self.bs, p.bm
-        start, end = p.s * bs, min(self.size, p.e * bs)
-        current = memoryview(_pread_full(self.fd, end - start, start))
+        kind = bm.kind[p.s - bm.start : p.e - bm.start]
+        if (kind == spec.BLOCK_UNUSED).all():
+            return _Done(covered, [], [], 0)
+        t0, n = self.clip(p.s * bs, (p.e - p.s) * bs)
+        lead = t0 + self.base - p.s * bs  # bytes of the first block before the window (partition restores)
+        current = memoryview(bytes(lead) + _pread_full(self.fd, n, t0))
         differ: list[int] = []
-        zeros: list[tuple[int, bytes]] = []
+        zeros: list[int] = []
         for b in range(p.s, p.e):
-            cur = current[(b - p.s) * bs : min((b - p.s + 1) * bs, end - start)]
-            if bm.kind[b - bm.start] != spec.BLOCK_DATA:
+            k = kind[b - p.s]
+            if k == spec.BLOCK_UNUSED:
+                continue
+            cur = current[(b - p.s) * bs : min((b - p.s + 1) * bs, len(current))]
+            if k != spec.BLOCK_DATA:
                 if np.frombuffer(cur, np.uint8).any():
-                    zeros.append((b, bytes(len(cur))))
+                    zeros.append(b)
+            elif (lead and b == p.s) or len(cur) < bm.raw_length(b):
+                differ.append(b)  # a block cut by the window's edges: compare what lies inside the window
             elif blake3.blake3(cur).digest() != bm.digest[b - bm.start].tobytes():
                 differ.append(b)
         raws = self.payloads.verified(bm, differ)
-        return sorted(zeros + list(raws.items())), len(differ)
+        if lead or len(current) < (p.e - p.s) * bs:
+            raws = {b: r for b, r in raws.items() if not _same(current, (b - p.s) * bs, r)}
+        return _Done(covered, sorted(raws.items()), [(b, 1, False) for b in zeros], len(differ))
+
+
+def _same(current: memoryview, at: int, raw: bytes) -> bool:
+    """Does the target already hold raw at `at` (compared over the part of it the target covers)?"""
+    have = current[at : at + len(raw)]
+    return bytes(have) == raw[: len(have)]
+
+
+def _runs(p: _Piece, written: set[int]) -> list[tuple[int, int, bool]]:
+    """Runs of the piece's blocks that are not written, as (first block, count, all unused)."""
+    kind = p.bm.kind[p.s - p.bm.start : p.e - p.bm.start]
+    out: list[tuple[int, int, bool]] = []
+    for b in range(p.s, p.e):
+        if b in written:
+            continue
+        unused = bool(kind[b - p.s] == spec.BLOCK_UNUSED)
+        if out and out[-1][0] + out[-1][1] == b and out[-1][2] == unused:
+            out[-1] = (out[-1][0], out[-1][1] + 1, unused)
+        else:
+            out.append((b, 1, unused))
+    return out
 
 
 @dataclass
@@ -230,6 +334,7 @@ class Target:
     fresh: bool
     size: int
     tmp: str = ""
+    capacity: int = 0  # bytes a device holds (a file: its size once restored)
 
     @classmethod
     def open(cls, path: str, size: int, delta: bool, force: bool, repo: Repository, overwrite_mounted: bool = False,
@@ -244,7 +349,7 @@ class Target:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as e:
                 raise TargetError(f"cannot create restore target {path}: {e.strerror}") from e
-            t = cls(path, fd, False, True, size, tmp)
+            t = cls(path, fd, False, True, size, tmp, size)
             try:
                 os.ftruncate(fd, size)
             except BaseException as e:
@@ -277,7 +382,34 @@ class Target:
                 raise TargetError(f"restore target {path} holds {have} bytes; the volume needs {size}")
         elif delta and st.st_size < size:
             os.ftruncate(fd, size)
-        return cls(path, fd, is_dev, False, size)
+        return cls(path, fd, is_dev, False, size, "", have if is_dev else size)
+
+    def zero(self, offset: int, length: int, discard: bool = False) -> int:
+        """Make [offset, offset + length) read as zeros without writing buffers of zeros: punch a hole in a
+        file, have a device zero it (BLKZEROOUT); with discard, let a device discard it instead (unused
+        blocks: what they read as is no filesystem's concern). Falls back to writing zeros."""
+        if length <= 0:
+            return 0
+        rng = struct.pack("QQ", offset, length)
+        if self.is_dev:
+            for op in ((BLKDISCARD, BLKZEROOUT) if discard else (BLKZEROOUT,)):
+                try:
+                    fcntl.ioctl(self.fd, op, rng)
+                    return length
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
+                        raise
+        elif _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+            return length
+        elif (code := ctypes.get_errno()) not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code), self.path)
+        zeros = bytes(min(length, 1 << 20))
+        done = 0
+        while done < length:
+            n = min(len(zeros), length - done)
+            _pwrite_full(self.fd, zeros[:n], offset + done)
+            done += n
+        return length
 
     def finish(self) -> None:
         """Flush; a new file is then published under its name (never over a file that appeared since)."""
@@ -383,7 +515,7 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
     return data
 
 
-def _pwrite_full(fd: int, buf: bytes, offset: int) -> None:
+def _pwrite_full(fd: int, buf: bytes | memoryview, offset: int) -> None:
     view = memoryview(buf)
     while len(view):
         n = os.pwrite(fd, view, offset)

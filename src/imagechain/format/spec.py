@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import IntegrityError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1  # 1.1: frame directory after the index (section 5.1)
+FORMAT_MINOR = 2  # 1.1: frame directory after the index (section 5.1); 1.2: UNUSED blocks, layout
 
 # --- segment header: the first bytes of every file of a point -----------------------------------
 SEGMENT_MAGIC = b"ICHSEG01"

@@ -1,13 +1,19 @@
 """Stream one point into a store: payloads, index, summary, footer, split into segments.
 
 All segments stay under temporary names until the footer is written and flushed; then they are
-published, the segment holding the footer last, so no reader ever sees a footer without its data."""
+published, the segment holding the footer last, so no reader ever sees a footer without its data.
+
+Payloads are written by a thread of their own behind a short queue: a slow repository disk then
+holds up only that thread, while reading, hashing and compression go on until the queue is full."""
 
 from __future__ import annotations
 
 import json
+import queue
 import re
 import tempfile
+import threading
+from collections.abc import Sequence
 
 import blake3
 import numpy as np
@@ -22,6 +28,7 @@ EXTENSION = ".icimg"
 INDEX_FRAME_ENTRIES = 16384  # 1 MiB decoded: the unit of random access into an index
 WRITE_BUFFER = 4 << 20
 INDEX_SPILL = 16 << 20  # index frames beyond this wait in a temporary file, not in memory
+WRITE_QUEUE = 4  # batches of payloads (a pipeline chunk each, 8 MiB of volume) waiting to be written
 
 
 def segment_name(base: str, number: int) -> str:
@@ -54,9 +61,13 @@ class ImageWriter:
         self.index_count = 0
         self.size_limits: list[tuple[str, int]] = []  # segments cut short by the filesystem (EFBIG)
         self._zc = zstandard.ZstdCompressor(level=3)
+        self._queue: queue.Queue[Sequence[bytes | memoryview] | None] = queue.Queue(WRITE_QUEUE)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._open_segment()
         self.header_bytes = header.pack()
         self.append(self.header_bytes)
+        self._next = self.logical + len(self._buf)  # logical offset of the next payload appended
 
     # -- segments ---------------------------------------------------------------------------------
     def _open_segment(self) -> None:
@@ -95,12 +106,55 @@ class ImageWriter:
 
     # -- content ----------------------------------------------------------------------------------
     def append(self, data: bytes | memoryview) -> int:
-        """Add bytes to the logical stream; returns their logical offset."""
+        """Add bytes to the logical stream, in this thread; returns their logical offset."""
+        self._sync()
         off = self.logical + len(self._buf)
         self._buf += data
         if len(self._buf) >= WRITE_BUFFER:
             self._drain()
+        self._next = self.logical + len(self._buf)
         return off
+
+    def append_payloads(self, payloads: Sequence[bytes | memoryview]) -> list[int]:
+        """Queue payloads for the writer thread; returns their logical offsets at once. An error of the
+        thread (a full disk) is raised by the next call, or by finish."""
+        if self._error is not None:
+            raise self._error
+        offsets = []
+        for p in payloads:
+            offsets.append(self._next)
+            self._next += len(p)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_queued, name="image-writer", daemon=True)
+            self._thread.start()
+        while True:
+            try:
+                self._queue.put(payloads, timeout=0.2)
+                return offsets
+            except queue.Full:
+                if self._error is not None:
+                    raise self._error from None
+
+    def _write_queued(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep taking batches so that the producer never waits on a dead writer
+            try:
+                for p in batch:
+                    self._buf += p
+                    if len(self._buf) >= WRITE_BUFFER:
+                        self._drain()
+            except BaseException as e:
+                self._error = e
+
+    def _sync(self) -> None:
+        """Wait until the writer thread has written everything queued; raise its error, if any."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
 
     def add_entries(self, entries: np.ndarray) -> None:
         """Index entries in ascending block order; frames of INDEX_FRAME_ENTRIES are cut as they fill."""
@@ -179,6 +233,11 @@ class ImageWriter:
         return names
 
     def abort(self) -> None:
+        if self._thread is not None:
+            self._error = self._error or RuntimeError("aborted")  # the thread drops what is still queued
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         self._frames.close()
         for seg in self.segments:
             seg.abort()

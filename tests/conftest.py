@@ -70,6 +70,11 @@ def write_volume(path: Path, size: int, seed: int = 0, zero_fraction: float = 0.
     return bytes(out)
 
 
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the notices a command may print on the way (e.g. "no filesystem recognised")."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("notice: ")]
+
+
 def exe() -> str:
     """The installed console script: the CLI tests run what a user runs."""
     here = Path(sys.executable).parent / "imagechain"

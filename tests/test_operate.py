@@ -17,7 +17,7 @@ from imagechain.engine.restore import restore
 from imagechain.errors import SourceError, TargetError, UsageError
 from imagechain.repository import Repository
 
-from .conftest import exe, write_volume
+from .conftest import error_lines, exe, write_volume
 
 MiB = 1 << 20
 
@@ -29,7 +29,7 @@ def ic(*args: object) -> subprocess.CompletedProcess[str]:
 def one_line(p: subprocess.CompletedProcess[str], code: int) -> str:
     assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr
-    (line,) = p.stderr.strip().splitlines()
+    (line,) = error_lines(p.stderr)
     return line
 
 

@@ -36,7 +36,7 @@ from imagechain.format.reader import PointReader
 from imagechain.repository import MARKER, Repository
 from imagechain.stores import TEMP_MARK
 
-from .conftest import assert_portable, exe, loop_device, need_root, need_tool, write_volume
+from .conftest import assert_portable, error_lines, exe, loop_device, need_root, need_tool, write_volume
 
 BS = 64 << 10  # the default block size
 
@@ -60,8 +60,8 @@ def one_line_error(p: subprocess.CompletedProcess[str], code: int) -> str:
     """The process failed with `code` and said why in exactly one line on stderr, without a traceback."""
     assert p.returncode == code, f"exit {p.returncode}, wanted {code}\nstdout: {p.stdout}\nstderr: {p.stderr}"
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, f"wanted one line on stderr, got {len(lines)}:\n{p.stderr}"
+    lines = error_lines(p.stderr)
+    assert len(lines) == 1, f"wanted one line on stderr besides notices, got {len(lines)}:\n{p.stderr}"
     assert lines[0].startswith("imagechain: error: "), lines[0]
     return lines[0]
 
@@ -268,7 +268,7 @@ def test_stop_signals_publish_nothing_and_clean_up(tmp_path: Path, repo: Path, s
     proc.send_signal(sig)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
-    assert err.strip() == f"imagechain: interrupted ({sig.name}); nothing was published"
+    assert error_lines(err) == [f"imagechain: interrupted ({sig.name}); nothing was published"], err
     assert files_in(repo) == before, "an interrupted backup left files behind (a temporary or its lock)"
     assert not locks(repo)
     # an interrupted restore to a new file leaves neither the file nor its temporary

@@ -38,7 +38,7 @@ from imagechain.repository import Repository
 from imagechain.sizes import human
 from imagechain.stores.local import _LocalReader
 
-from .conftest import exe, write_volume
+from .conftest import error_lines, exe, write_volume
 
 BS = 64 << 10
 MIB = 1 << 20
@@ -62,7 +62,7 @@ def ok(*args: object) -> subprocess.CompletedProcess[str]:
 def one_line_error(p: subprocess.CompletedProcess[str], code: int) -> str:
     assert p.returncode == code, f"exit {p.returncode}, wanted {code}\nstdout: {p.stdout}\nstderr: {p.stderr}"
     assert "Traceback" not in p.stderr + p.stdout, p.stderr
-    lines = p.stderr.strip().splitlines()
+    lines = error_lines(p.stderr)
     assert len(lines) == 1 and lines[0].startswith("imagechain: error: "), p.stderr
     return lines[0]
 

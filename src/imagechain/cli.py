@@ -372,7 +372,9 @@ def restore(point: str, dest: str, delta: bool, force: bool, salvage: bool, over
     rate = r.volume_size / r.duration_s if r.duration_s else 0
     click.echo(
         f"restored point {r.point_id[:8]} to {dest}: {human(r.volume_size)}, wrote {human(r.written_bytes)} "
-        f"({r.written_blocks} blocks{', delta' if delta else ''}), {r.checked_blocks} block digests checked, "
+        f"({r.written_blocks} blocks{', delta' if delta else ''}"
+        f"{f', {human(r.zeroed_bytes)} of it zeroed by the target' if r.zeroed_bytes else ''}), "
+        f"{r.checked_blocks} block digests checked, "
         f"state {r.state_digest[:16]} proven, {r.duration_s:.1f} s, {human(rate)}/s"
     )
 

@@ -60,7 +60,7 @@ class RestoreResult:
     delta: bool
     duration_s: float
     state_digest: str
-    zeroed_bytes: int = 0  # zero and unused ranges made zero (or discarded) without writing buffers
+    zeroed_bytes: int = 0  # of written_bytes: zero and unused ranges zeroed (or discarded) without writing buffers
     notices: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -178,7 +178,8 @@ def restore(
                 written += job.place(off, buf)
             written_blocks += len(done.writes)
             for first, count, unused in done.zeros:
-                zeroed += tgt.zero(*job.clip(first * bs, count * bs), discard and unused)
+                n = tgt.zero(*job.clip(first * bs, count * bs), discard and unused)
+                zeroed, written, written_blocks = zeroed + n, written + n, written_blocks + count
             progress.advance(done.covered)
         grown = window is None and tgt.is_dev and tgt.capacity > size and h.metadata.get("layout")
         if grown and relocate_gpt_backup(tgt.fd, size, tgt.capacity, _sector_size(h.metadata["layout"])):

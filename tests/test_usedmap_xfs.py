@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from imagechain.usedmap import Area, Unusable, UsedMap, xfs
+from imagechain.usedmap.crc import crc32c
 
 from .conftest import need_tool
 from .fsfill import check_fs, fill, mounted_fs, need_kind, tree, zero_unused
@@ -205,7 +206,7 @@ def _with_crc(buf: bytes, changes: dict[int, bytes], crc_off: int | None) -> byt
         b[off : off + len(v)] = v
     if crc_off is not None:
         b[crc_off : crc_off + 4] = b"\0\0\0\0"
-        b[crc_off : crc_off + 4] = xfs.crc32c(bytes(b)).to_bytes(4, "little")
+        b[crc_off : crc_off + 4] = crc32c(bytes(b)).to_bytes(4, "little")
     return bytes(b)
 
 

@@ -178,8 +178,8 @@ def restore(
                 written += job.place(off, buf)
             written_blocks += len(done.writes)
             for first, count, unused in done.zeros:
-                n = tgt.zero(*job.clip(first * bs, count * bs), discard and unused)
-                zeroed, written, written_blocks = zeroed + n, written + n, written_blocks + count
+                z = tgt.zero(*job.clip(first * bs, count * bs), discard and unused)
+                zeroed, written, written_blocks = zeroed + z, written + z, written_blocks + count
             progress.advance(done.covered)
         grown = window is None and tgt.is_dev and tgt.capacity > size and h.metadata.get("layout")
         if grown and relocate_gpt_backup(tgt.fd, size, tgt.capacity, _sector_size(h.metadata["layout"])):

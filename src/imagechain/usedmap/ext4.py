@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import Area, Unusable
+from .crc import crc32c_raw, crc32c_rows
 
 MAGIC = 0xEF53
 
@@ -80,7 +81,6 @@ def _crc_table(poly: int) -> np.ndarray:
     return t
 
 
-CRC32C = _crc_table(0x82F63B78)
 CRC16 = _crc_table(0xA001)
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 
@@ -88,16 +88,13 @@ POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 def crc_update(table: np.ndarray, crc: np.ndarray, data: np.ndarray) -> np.ndarray:
     """Raw reflected CRC (no pre- or post-inversion, as ext4's checksums are) of every row of `data`
     (n x L bytes) from the start values `crc` (n): one table step per column over all rows at once, so
-    thousands of bitmaps cost L numpy operations, not L times their number."""
+    thousands of descriptors cost L numpy operations, not L times their number. For crc16 (gdt_csum),
+    which no dependency offers; crc32c comes from .crc."""
     out = np.asarray(crc, np.uint32).copy()
     cols = np.ascontiguousarray(np.asarray(data, np.uint8).T)
     for col in cols:
         out = table[(out ^ col) & 0xFF] ^ (out >> 8)
     return out
-
-
-def crc32c(seed: int, data: bytes) -> int:
-    return int(crc_update(CRC32C, np.array([seed], np.uint32), np.frombuffer(data, np.uint8)[None, :])[0])
 
 
 def _le(raw: np.ndarray, offset: int, size: int) -> np.ndarray:
@@ -170,7 +167,7 @@ def superblock(area: Area) -> Geometry:
     if ro & RO_METADATA_CSUM:
         if sb[0x175] != 1:
             raise Unusable(f"unknown metadata checksum type {sb[0x175]}")
-        if crc32c(0xFFFFFFFF, sb[:0x3FC]) != u32(0x3FC):
+        if crc32c_raw(0xFFFFFFFF, sb[:0x3FC]) != u32(0x3FC):
             raise Unusable("superblock checksum mismatch")
     if incompat & INCOMPAT_JOURNAL_DEV:
         raise Unusable("this volume is an ext3/4 external journal device, not a filesystem")
@@ -221,7 +218,7 @@ def superblock(area: Area) -> Geometry:
     if desc_size < (64 if is64 else 32) or desc_size > 1024 or desc_size & (desc_size - 1):
         raise Unusable(f"bad group descriptor size {desc_size}")
     uuid = sb[0x68:0x78]
-    seed = u32(0x270) if incompat & INCOMPAT_CSUM_SEED else crc32c(0xFFFFFFFF, uuid)
+    seed = u32(0x270) if incompat & INCOMPAT_CSUM_SEED else crc32c_raw(0xFFFFFFFF, uuid)
     ext4ish = incompat & (INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG) or ro & (
         RO_HUGE_FILE | RO_GDT_CSUM | RO_DIR_NLINK | RO_EXTRA_ISIZE | RO_METADATA_CSUM | RO_BIGALLOC
     )
@@ -274,8 +271,7 @@ def _check_descriptor_csums(geo: Geometry, raw: np.ndarray) -> None:
     if geo.ro_compat & RO_METADATA_CSUM:
         body = raw.copy()
         body[:, 0x1E:0x20] = 0
-        crc = crc_update(CRC32C, np.full(n, geo.csum_seed, np.uint32), np.hstack([le_group, body]))
-        calc = crc.astype(np.int64) & 0xFFFF
+        calc = crc32c_rows(geo.csum_seed, np.hstack([le_group, body])) & 0xFFFF
         name = "crc32c"
     elif geo.ro_compat & RO_GDT_CSUM:
         start = crc_update(CRC16, np.array([0xFFFF], np.uint32), np.frombuffer(geo.uuid, np.uint8)[None, :])
@@ -369,7 +365,7 @@ def walk(area: Area, geo: Geometry, clusters: Callable[[np.ndarray, np.ndarray],
             data = np.frombuffer(area.read(int(loc[run[0]]) * bs, len(run) * bs), np.uint8).reshape(len(run), bs)
             packed[run] = data[:, :nbytes]
         if geo.ro_compat & RO_METADATA_CSUM:
-            calc = crc_update(CRC32C, np.full(len(init), geo.csum_seed, np.uint32), packed).astype(np.int64)
+            calc = crc32c_rows(geo.csum_seed, packed)
             stored = _le(raw[init], 0x18, 2)
             if geo.desc_size >= 0x3C:
                 stored |= _le(raw[init], 0x38, 2) << 16

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import Area, Unusable
+from .crc import crc32c
 
 NULLAGBLOCK = 0xFFFFFFFF
 BB = 512  # the log's basic block
@@ -44,28 +45,6 @@ INCOMPAT_META_UUID = 0x4
 RO_COMPAT_KNOWN = 0x1 | 0x2 | 0x4 | 0x8  # finobt rmapbt reflink inobtcnt
 V4_SHAREDBIT = 0x0200
 V4_LOGV2BIT = 0x0400
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """Castagnoli CRC (as XFS stores it, little-endian); no crc32c library is a dependency."""
-    c = 0xFFFFFFFF
-    t = _CRC_TABLE
-    for b in data:
-        c = t[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
 
 
 def _check_crc(buf: bytes, off: int, what: str) -> None:

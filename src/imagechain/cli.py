@@ -33,6 +33,7 @@ from .errors import ImagechainError, IntegrityError, UsageError
 from .format import spec
 from .format.reader import PointFiles, PointReader
 from .identity import local_host
+from .limits import Limits
 from .lock import LOCK_DIR, inspect_lock
 from .repository import Repository
 from .sizes import human, parse_size
@@ -110,6 +111,11 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _rate(value: str | None) -> int:
+    """A rate such as 50M or 50M/s, in bytes per second; 0 (no limit) when not given."""
+    return parse_size(value.removesuffix("/s")) if value else 0
+
+
 def _size_option(value: str | None, check: Callable[[int], int]) -> int | None:
     return None if value is None else check(parse_size(value))
 
@@ -141,12 +147,26 @@ def main(debug: bool) -> None:
               "(moved, restored, re-plugged): continue its chain.")
 @click.option("--all-blocks", is_flag=True, help="Read and keep every block, also those the filesystem does not "
               "use (by default they are recorded as unused, never read or stored).")
+@click.option("--io-priority", type=click.Choice(["idle", "low", "normal"]), help="I/O scheduling class of the "
+              "backup's threads (idle: only when the disk has nothing else to do).")
+@click.option("--cpu-priority", type=int, metavar="NICE", help="Nice value of the backup's threads (0..19; "
+              "below the current one needs root).")
+@click.option("--threads", type=int, help="Worker threads (default: the CPUs this process may use).")
+@click.option("--max-read-rate", metavar="RATE", help="Read the source at most this fast, per second (e.g. 50M).")
+@click.option("--max-write-rate", metavar="RATE", help="Write to the repository at most this fast, per second.")
+@click.option("--buffer-memory", metavar="SIZE", help="Volume data in flight at most (at least 32M; default "
+              "about 16M per thread plus 64M).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, block_size: str | None,
            compression: str | None, split_size: str | None, host_name: str | None, source_name: str | None,
-           init: bool, allow_mounted: bool, source_moved: bool, all_blocks: bool, as_json: bool) -> None:  # fmt: skip
+           init: bool, allow_mounted: bool, source_moved: bool, all_blocks: bool, io_priority: str | None,
+           cpu_priority: int | None, threads: int | None, max_read_rate: str | None, max_write_rate: str | None,
+           buffer_memory: str | None, as_json: bool) -> None:  # fmt: skip
     """Back up SOURCE (image file or block device) into the repository folder REPO."""
+    limits = Limits(io_priority=io_priority, cpu_priority=cpu_priority, threads=threads,
+                    max_read_rate=_rate(max_read_rate), max_write_rate=_rate(max_write_rate),
+                    buffer_memory=parse_size(buffer_memory) if buffer_memory else 0)  # fmt: skip
     res = run_backup(
         source, repo, chain=chain, full=full, parent=parent,
         block_size=_size_option(block_size, check_block_size),
@@ -154,7 +174,7 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
         split_size=_size_option(split_size, check_split_size),
         host=local_host(host_name) if host_name is not None else None, source_name=source_name,
         source_moved=source_moved, allow_mounted=allow_mounted, all_blocks=all_blocks, init=init,
-        progress=BarProgress(not as_json),
+        limits=limits, progress=BarProgress(not as_json),
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(res.as_dict(), indent=1))

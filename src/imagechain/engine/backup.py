@@ -24,8 +24,9 @@ from ..damage import DamageRecord
 from ..errors import AmbiguousPointError, ChainBrokenError, ImagechainError, SourceError, UsageError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader, SegmentFile, assemble, scan_file
-from ..format.writer import ImageWriter
+from ..format.writer import WRITE_QUEUE, ImageWriter
 from ..identity import HostIdentity, local_host
+from ..limits import Limits, RateLimiter, pieces
 from ..lock import ChainLock
 from ..mapcache import MapFile, MapWriter, cache_path, commit_tip, default_cache_dir, open_cached
 from ..mounts import in_use
@@ -151,13 +152,18 @@ def backup(
     init: bool = False,
     cache_dir: str | None = "",
     threads: int | None = None,
+    limits: Limits | None = None,
     progress: Progress | None = None,
 ) -> BackupResult:
     """Make the next point of `chain` for the source: incremental when the chain exists, else full.
 
     `parent` (an address within the repository: a point id prefix or CHAIN@SEL) picks the point to
     continue when the chain has forked. `all_blocks` reads every block even where the filesystem's
-    used-block map would skip the unused ones."""
+    used-block map would skip the unused ones. `limits` says what the backup may take from the machine
+    (priorities, rates, threads, buffer memory); `threads` is a shortcut for its thread count."""
+    limits = limits or Limits()
+    limits.check()
+    threads = threads or limits.threads or default_threads()
     if block_size is not None:
         check_block_size(block_size)
     if split_size is not None:
@@ -180,7 +186,7 @@ def backup(
                          src.lock_record())  # fmt: skip
         with lock:
             job = _Job(src, repo, host, chain, full, parent, block_size, codec, split_size, cache,
-                       threads or default_threads(), progress, lock, source_moved, mounted, all_blocks)  # fmt: skip
+                       threads, progress, lock, source_moved, mounted, all_blocks, limits)  # fmt: skip
             for n in lock.notices:
                 job.note(n)
             return job.run()
@@ -204,6 +210,7 @@ class _Job:
     source_moved: bool = False
     mounted: str = ""  # --allow-mounted: what was mounted read-write while the source was read
     all_blocks: bool = False
+    limits: Limits = field(default_factory=Limits)
     notices: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:
@@ -354,16 +361,25 @@ class _Job:
         record = DamageRecord.of(repo.store, lin[0]) if lin else None
         heal, heal_from = record.to_restore(lin) if record else (np.zeros(0, np.int64), [])
         heal = heal[heal < block_count(src.size, bs)]
-        writer = ImageWriter(repo.store, base, header, split)
+        lim = self.limits
+        read_rate, write_rate = RateLimiter(lim.max_read_rate), RateLimiter(lim.max_write_rate)
+        total = lim.buffer_memory // (2 * CHUNK_BYTES) if lim.buffer_memory else 0  # chunks: data + payloads
+        queued = max(1, min(WRITE_QUEUE, total // 4)) if total else WRITE_QUEUE
+        writer = ImageWriter(repo.store, base, header, split, write_rate if lim.max_write_rate else None,
+                             lim.apply, queued)  # fmt: skip
         cachew = MapWriter(self.cache, src.size, bs)
+        pipe = _Pipe(self.threads, max(1, total - queued) if total else 0, lim.apply,
+                     read_rate if lim.max_read_rate else None)  # fmt: skip
         try:
-            stats = _run(src, bs, codec, pmap, writer, cachew, self.threads, self.progress, heal, usage.used)
+            stats = _run(src, bs, codec, pmap, writer, cachew, pipe, self.progress, heal, usage.used)
             warnings = src.check_unchanged()  # a size change is an error: nothing is published
             for w in warnings:
                 self.note(w)
             self.lock.check()  # the lock is still ours: nobody else wrote this chain meanwhile
             files = writer.finish(stats.state, stats.summary(time.monotonic() - t0, warnings))
         except BaseException:
+            read_rate.stop()
+            write_rate.stop()
             writer.abort()
             cachew.abort()
             raise
@@ -524,7 +540,17 @@ def _items(src: Source, bs: int, pmap: MapFile | None, forced: np.ndarray, used:
         start += n
 
 
-def _read(src: Source, bs: int, item: _Item) -> tuple[bytearray, int]:
+@dataclass
+class _Pipe:
+    """How the pipeline runs: workers, chunks in flight, what each thread does first, the read rate."""
+
+    threads: int
+    depth: int  # chunks in flight at most; 0: two per worker
+    init: Callable[[], None] | None = None
+    read_rate: RateLimiter | None = None
+
+
+def _read(src: Source, bs: int, item: _Item, rate: RateLimiter | None = None) -> tuple[bytearray, int]:
     """The item's blocks that the filesystem uses, read in runs into one buffer (unused ones stay zero);
     then dropped from the page cache, so a backup does not evict what the host keeps cached."""
     off = item.start * bs
@@ -537,15 +563,18 @@ def _read(src: Source, bs: int, item: _Item) -> tuple[bytearray, int]:
         edges = np.diff(np.concatenate(([0], item.used.view(np.int8), [0])))
         firsts, ends = np.flatnonzero(edges == 1) * bs, np.flatnonzero(edges == -1) * bs
         runs = [(a, min(b, length) - a) for a, b in zip(firsts.tolist(), ends.tolist(), strict=True)]
-    for a, n in runs:
-        src.read_into(off + a, view[a : a + n])
+    for a0, n0 in runs:
+        for a, n in pieces(a0, n0, rate):
+            if rate is not None:
+                rate.take(n)
+            src.read_into(off + a, view[a : a + n])
     src.drop_cache(off, length)
     return buf, sum(n for _, n in runs)
 
 
 def _run(
     src: Source, bs: int, codec: CodecParams, pmap: MapFile | None, writer: ImageWriter,
-    cachew: MapWriter, threads: int, progress: Progress, forced: np.ndarray, used: np.ndarray | None = None,
+    cachew: MapWriter, pipe: _Pipe, progress: Progress, forced: np.ndarray, used: np.ndarray | None = None,
 ) -> _Stats:  # fmt: skip
     size = src.size
     n_total = block_count(size, bs)
@@ -566,7 +595,7 @@ def _run(
             kinds[:] = spec.BLOCK_ZERO
             digests = np.zeros((n, 32), np.uint8)
         else:
-            data, nread = _read(src, bs, item)
+            data, nread = _read(src, bs, item, pipe.read_rate)
             mv = memoryview(data)
             nfull = len(data) // bs
             if nfull:
@@ -607,9 +636,11 @@ def _run(
     progress.start("backup", size)
     # every thread of the pipeline is stopped and joined before this returns or raises, so none of them
     # outlives the backup or touches the source after it is closed; one worker more than there are cores,
-    # so that a worker waiting for the disk leaves none of them idle
-    feed = prefetch(_items(src, bs, pmap, forced, used), 3)
-    results = ordered_map(work, feed, threads + 1, threads * 2 + 2)
+    # so that a worker waiting for the disk leaves none of them idle; at most two chunks per worker in flight
+    # unless the buffer memory is bounded tighter
+    depth = pipe.depth or pipe.threads * 2 + 2
+    feed = prefetch(_items(src, bs, pmap, forced, used), 3, pipe.init)
+    results = ordered_map(work, feed, min(pipe.threads + 1, depth), depth, pipe.init)
     try:
         for ch in results:
             n = len(ch.kinds)

@@ -6,13 +6,14 @@ thread outlives the operation (garbage collection would close them too, but at n
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
+
+from ..limits import usable_cpus
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -21,16 +22,20 @@ _END = object()
 
 
 def default_threads() -> int:
-    return max(2, os.cpu_count() or 2)
+    """The CPUs this process may use (affinity and cgroup quota), not the machine's count."""
+    return usable_cpus()
 
 
-def prefetch(items: Iterable[T], depth: int) -> Generator[T, None, None]:
-    """Produce items in a background thread, at most `depth` ahead of the consumer."""
+def prefetch(items: Iterable[T], depth: int, init: Callable[[], None] | None = None) -> Generator[T, None, None]:
+    """Produce items in a background thread, at most `depth` ahead of the consumer; `init` runs first in
+    that thread (its I/O and CPU priority)."""
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def run() -> None:
         try:
+            if init is not None:
+                init()
             for it in items:
                 while not stop.is_set():
                     try:
@@ -63,9 +68,11 @@ def prefetch(items: Iterable[T], depth: int) -> Generator[T, None, None]:
                 t.join(0.05)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, depth: int) -> Generator[R, None, None]:
-    """fn over items in a pool, results in input order, at most `depth` in flight."""
-    with ThreadPoolExecutor(threads, thread_name_prefix="work") as pool:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, depth: int,
+                init: Callable[[], None] | None = None) -> Generator[R, None, None]:  # fmt: skip
+    """fn over items in a pool, results in input order, at most `depth` in flight; `init` runs first in
+    each worker thread."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="work", initializer=init) as pool:
         pending: deque[Future[R]] = deque()
         try:
             for it in items:

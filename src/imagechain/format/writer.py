@@ -13,7 +13,7 @@ import queue
 import re
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import blake3
 import numpy as np
@@ -21,6 +21,7 @@ import zstandard
 
 from .. import interrupts
 from ..errors import NoSpaceError
+from ..limits import RateLimiter
 from ..stores import AtomicWriter, Store
 from . import spec
 
@@ -46,7 +47,9 @@ def split_segment_name(name: str) -> tuple[str, int | None]:
 
 
 class ImageWriter:
-    def __init__(self, store: Store, base: str, header: spec.PointHeader, split_size: int = 0) -> None:
+    def __init__(self, store: Store, base: str, header: spec.PointHeader, split_size: int = 0,
+                 write_rate: RateLimiter | None = None, thread_init: Callable[[], None] | None = None,
+                 queued: int = WRITE_QUEUE) -> None:  # fmt: skip
         if split_size and split_size < 1 << 20:
             raise ValueError("split size below 1 MiB")
         self.store, self.base, self.header = store, base, header
@@ -61,9 +64,10 @@ class ImageWriter:
         self.index_count = 0
         self.size_limits: list[tuple[str, int]] = []  # segments cut short by the filesystem (EFBIG)
         self._zc = zstandard.ZstdCompressor(level=3)
-        self._queue: queue.Queue[Sequence[bytes | memoryview] | None] = queue.Queue(WRITE_QUEUE)
+        self._queue: queue.Queue[Sequence[bytes | memoryview] | None] = queue.Queue(queued)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._rate, self._thread_init = write_rate, thread_init
         self._open_segment()
         self.header_bytes = header.pack()
         self.append(self.header_bytes)
@@ -89,6 +93,9 @@ class ImageWriter:
             if room <= 0:
                 self._open_segment()
                 continue
+            if self._rate is not None:  # smooth: a slice at a time, each when the rate allows it
+                room = min(room, RateLimiter.SLICE)
+                self._rate.take(min(room, len(view)))
             n = self.segments[-1].write(view[:room])
             if n < min(room, len(view)):
                 # the filesystem's own size limit (EFBIG, e.g. FAT32's 4 GiB): remember it and roll over
@@ -136,6 +143,11 @@ class ImageWriter:
                     raise self._error from None
 
     def _write_queued(self) -> None:
+        if self._thread_init is not None:
+            try:
+                self._thread_init()
+            except BaseException as e:
+                self._error = e
         while (batch := self._queue.get()) is not None:
             if self._error is not None:
                 continue  # keep taking batches so that the producer never waits on a dead writer

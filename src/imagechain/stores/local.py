@@ -6,6 +6,7 @@ parents. Folder fsync errors fail the write, except on filesystems that cannot f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -17,6 +18,7 @@ from ..fsprobe import PROBE_BYTES, probe
 from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry
 
 # errors meaning "this filesystem (or its FUSE driver) cannot fsync a folder", not "the data is at risk"
+DROP_BEHIND = 64 << 20  # written bytes flushed and dropped from the page cache at a time
 _NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR})
 _NO_DIR_OPEN = _NO_DIR_FSYNC | {errno.EPERM, errno.EACCES}
 
@@ -104,6 +106,7 @@ class _LocalWriter(AtomicWriter):
         except OSError as e:
             _raise_io(e, name)
         self._pos = 0
+        self._synced = 0  # bytes already flushed and dropped from the page cache
 
     def write(self, data: bytes | memoryview) -> int:
         assert self._fd is not None
@@ -118,7 +121,21 @@ class _LocalWriter(AtomicWriter):
                 _raise_io(e, self.name)
             done += n
         self._pos += done
+        if self._pos - self._synced >= DROP_BEHIND:
+            self._drop_behind()
         return done
+
+    def _drop_behind(self) -> None:
+        """Image data just written is of no further use in the page cache: flush it and let it go, so that
+        writing a backup neither evicts what the machine keeps cached nor piles up dirty pages."""
+        assert self._fd is not None
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            _raise_io(e, self.name)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, self._synced, self._pos - self._synced, os.POSIX_FADV_DONTNEED)
+        self._synced = self._pos
 
     def tell(self) -> int:
         return self._pos

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import click
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
@@ -23,16 +25,19 @@ from . import __version__, interrupts
 from .address import open_point
 from .chain import Catalog, describe
 from .codec import CodecParams
+from .crypto import Passphrase, generate_identity, load_identity, load_recipient
 from .damage import DamageRecord
 from .engine.backup import backup as run_backup
 from .engine.backup import check_block_size, check_split_size
+from .engine.rekey import change_passphrase
 from .engine.restore import partition_window
 from .engine.restore import restore as run_restore
 from .engine.verify import verify as run_verify
-from .errors import ImagechainError, IntegrityError, UsageError
+from .errors import CredentialsError, ImagechainError, IntegrityError, UsageError
 from .format import spec
 from .format.reader import PointFiles, PointReader
 from .identity import local_host
+from .keyring import Keyring
 from .limits import Limits
 from .lock import LOCK_DIR, inspect_lock
 from .repository import Repository
@@ -111,6 +116,53 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+PASSPHRASE_ENV = "IMAGECHAIN_PASSPHRASE"
+
+
+def _read_passphrase(file: str | None, env: str = PASSPHRASE_ENV) -> Passphrase | None:
+    """From a file (first line) or the environment; never from the command line, where `ps` shows it."""
+    if file:
+        try:
+            with open(file, "rb") as f:
+                text = f.readline().rstrip(b"\r\n")
+        except OSError as e:
+            raise UsageError(f"cannot read passphrase file {file}: {e.strerror}") from e
+        if not text:
+            raise UsageError(f"passphrase file {file} is empty")
+        return Passphrase(text)
+    value = os.environ.get(env)
+    return Passphrase(os.fsencode(value)) if value else None
+
+
+def _ask(what: str, confirm: bool) -> Callable[[], Passphrase]:
+    """A prompt on the terminal (asked twice when a passphrase is being set); an error without one."""
+
+    def ask() -> Passphrase:
+        if not sys.stdin.isatty():
+            raise CredentialsError(f"{what} is needed: give it with {PASSPHRASE_ENV} or --passphrase-file FILE "
+                                   f"(there is no terminal to ask on)")  # fmt: skip
+        first = getpass.getpass(f"{what}: ")
+        if not first:
+            raise UsageError("an empty passphrase is not a passphrase")
+        if confirm and getpass.getpass(f"{what} (again): ") != first:
+            raise UsageError("the two passphrases differ")
+        return Passphrase(first.encode())
+
+    return ask
+
+
+def _keyring(passphrase_file: str | None, identity: str | None, ask: bool = True) -> Keyring:
+    return Keyring(_read_passphrase(passphrase_file), load_identity(identity) if identity else None,
+                   ask=_ask("passphrase", False) if ask else None)  # fmt: skip
+
+
+def key_options(fn: F) -> F:
+    fn = click.option("--identity", metavar="FILE", help="Secret key (from `imagechain key generate`) of a "
+                      "recipient-mode chain.")(fn)  # fmt: skip
+    return click.option("--passphrase-file", metavar="FILE", help=f"Read the passphrase of an encrypted chain from "
+                        f"FILE (else {PASSPHRASE_ENV}, else a prompt on a terminal).")(fn)  # fmt: skip
+
+
 def _rate(value: str | None) -> int:
     """A rate such as 50M or 50M/s, in bytes per second; 0 (no limit) when not given."""
     return parse_size(value.removesuffix("/s")) if value else 0
@@ -156,14 +208,25 @@ def main(debug: bool) -> None:
 @click.option("--max-write-rate", metavar="RATE", help="Write to the repository at most this fast, per second.")
 @click.option("--buffer-memory", metavar="SIZE", help="Volume data in flight at most (at least 32M; default "
               "about 16M per thread plus 64M).")
+@click.option("--encrypt", is_flag=True, help="Start an encrypted chain, keys sealed with a passphrase (the chain "
+              "keeps it; needs --full on an existing chain).")
+@click.option("--recipient", metavar="PUBFILE", help="Start an encrypted chain whose payloads only the holder of "
+              "the matching identity can open: this machine keeps just the chain's digest key.")
+@key_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, block_size: str | None,
            compression: str | None, split_size: str | None, host_name: str | None, source_name: str | None,
            init: bool, allow_mounted: bool, source_moved: bool, all_blocks: bool, io_priority: str | None,
            cpu_priority: int | None, threads: int | None, max_read_rate: str | None, max_write_rate: str | None,
-           buffer_memory: str | None, as_json: bool) -> None:  # fmt: skip
+           buffer_memory: str | None, encrypt: bool, recipient: str | None, passphrase_file: str | None,
+           identity: str | None, as_json: bool) -> None:  # fmt: skip
     """Back up SOURCE (image file or block device) into the repository folder REPO."""
+    if encrypt and recipient:
+        raise UsageError("--encrypt (a passphrase) and --recipient (a public key) are two modes: choose one")
+    new: Passphrase | X25519PublicKey | None = load_recipient(recipient) if recipient else None
+    if encrypt:
+        new = _read_passphrase(passphrase_file) or _ask("new passphrase", True)()
     limits = Limits(io_priority=io_priority, cpu_priority=cpu_priority, threads=threads,
                     max_read_rate=_rate(max_read_rate), max_write_rate=_rate(max_write_rate),
                     buffer_memory=parse_size(buffer_memory) if buffer_memory else 0)  # fmt: skip
@@ -174,7 +237,7 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
         split_size=_size_option(split_size, check_split_size),
         host=local_host(host_name) if host_name is not None else None, source_name=source_name,
         source_moved=source_moved, allow_mounted=allow_mounted, all_blocks=all_blocks, init=init,
-        limits=limits, progress=BarProgress(not as_json),
+        limits=limits, encrypt=new, keyring=_keyring(passphrase_file, identity), progress=BarProgress(not as_json),
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(res.as_dict(), indent=1))
@@ -196,6 +259,8 @@ def _row(p: PointFiles, repo: Repository, cat: Catalog, damage: DamageRecord | N
             s = r.summary()
     except (ImagechainError, ValueError) as e:  # statistics only: a damaged summary must not hide the point
         s, problem = {}, {"summary_problem": str(e)}
+    if h.encrypted and p.keys is None:  # sealed statistics: not a problem, just not for everyone to read
+        s, problem = {}, {}
     kids = cat.children.get(p.point_id, [])
     parent_missing = h.parent_id is not None and cat.ancestry(p)[0].header.parent_id is not None
     why = "parent missing" if parent_missing else (damage.why_not_restorable(p.point_id) if damage else "")
@@ -271,8 +336,9 @@ def list_(repo: str, as_json: bool) -> None:
         for col in ("#", "created", "kind", "volume", "changed", "stored", "point", "parent", ""):
             t.add_column(col, justify="right" if col in ("#", "volume", "changed", "stored") else "left")
         for p in pts:
+            changed = human(p["changed_bytes"]) if p["changed_bytes"] is not None else "-"  # sealed or damaged
             t.add_row(str(p["sequence"]), p["created"][:19].replace("T", " "), p["kind"], human(p["volume_size"]),
-                      human(p["changed_bytes"] or 0), human(p["file_bytes"]), p["point_id"][:8],
+                      changed, human(p["file_bytes"]), p["point_id"][:8],
                       (p["parent_id"] or "")[:8], _flags(p, len(gen_tips)))  # fmt: skip
         out.print(t)
         if len(gen_tips) > 1:
@@ -294,14 +360,19 @@ def list_(repo: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("point")
+@key_options
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def info(point: str, as_json: bool) -> None:
+def info(point: str, passphrase_file: str | None, identity: str | None, as_json: bool) -> None:
     """Show a point's header, parent, digests and block statistics."""
     res = open_point(point)
     p, h = res.point, res.point.header
-    with PointReader(res.repo.store, p) as r:
-        summary = r.summary()
+    try:
+        _keyring(passphrase_file, identity, ask=False).unlock(p, need_data=False)
+        with PointReader(res.repo.store, p) as r:
+            summary = r.summary()
+    except CredentialsError:
+        summary = {"sealed": "the statistics of an encrypted point show with its passphrase or identity"}
     parent = res.catalog.points.get(h.parent_id) if h.parent_id else None
     data: dict[str, Any] = {
         **_row(p, res.repo, res.catalog), "format": f"{spec.FORMAT_MAJOR}.{h.minor}",
@@ -309,7 +380,7 @@ def info(point: str, as_json: bool) -> None:
         "host_id": h.host_id.hex(), "source_id": h.source_id.hex(),
         "source_path": h.metadata.get("source_path"), "source_identity": h.metadata.get("source_identity"),
         "compression": str(CodecParams(h.compression, h.compression_level)), "split_size": h.split_size,
-        "encryption": "none" if h.encryption == spec.ENCRYPTION_NONE else "aes-256-gcm",
+        "encryption": _encryption(h),
         "used_map": h.metadata.get("used_map", "all blocks"),
         **({"layout": h.metadata["layout"]} if isinstance(h.metadata.get("layout"), dict) else {}),
         "warnings": _warnings(h, summary),
@@ -334,6 +405,13 @@ def info(point: str, as_json: bool) -> None:
                 click.echo(f"  {sk:<16} {shown(sk, sv)}")
         else:
             click.echo(f"{k:<20} {shown(k, v)}")
+
+
+def _encryption(h: spec.PointHeader) -> str:
+    if not h.encrypted:
+        return "none"
+    fp = h.metadata.get("recipient_fingerprint")
+    return f"aes-256-gcm, keys for recipient {fp}" if h.metadata.get("recipient") else "aes-256-gcm, passphrase"
 
 
 def _layout_lines(layout: dict[str, Any]) -> list[str]:
@@ -372,10 +450,12 @@ def _warnings(h: spec.PointHeader, summary: dict[str, object]) -> list[str]:
               "as `info` shows them) to DEST.")
 @click.option("--discard", is_flag=True, help="On a device, discard blocks the filesystem did not use instead of "
               "zeroing them (they then read as whatever the device returns).")
+@key_options
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def restore(point: str, dest: str, delta: bool, force: bool, salvage: bool, overwrite_mounted: bool,
-            partition: int | None, discard: bool, as_json: bool) -> None:  # fmt: skip
+            partition: int | None, discard: bool, passphrase_file: str | None, identity: str | None,
+            as_json: bool) -> None:  # fmt: skip
     """Restore POINT to DEST (a file or block device), bit for bit."""
     res = open_point(point, salvage=salvage)
     window = partition_window(res.point.header, partition) if partition is not None else None
@@ -385,7 +465,8 @@ def restore(point: str, dest: str, delta: bool, force: bool, salvage: bool, over
             bar.notice(f"{describe(p)} is damaged in its header only; using it (--salvage): every block "
                        f"digest and the state digest must still prove what is restored")  # fmt: skip
     r = run_restore(res.repo, res.point, dest, delta=delta, force=force, progress=bar, cat=res.catalog,
-                    overwrite_mounted=overwrite_mounted, window=window, discard=discard)
+                    overwrite_mounted=overwrite_mounted, window=window, discard=discard,
+                    keyring=_keyring(passphrase_file, identity))  # fmt: skip
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=1))
         return
@@ -401,16 +482,18 @@ def restore(point: str, dest: str, delta: bool, force: bool, salvage: bool, over
 
 @main.command()
 @click.argument("target")
+@key_options
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def verify(target: str, as_json: bool) -> None:
+def verify(target: str, passphrase_file: str | None, identity: str | None, as_json: bool) -> None:
     """Verify a whole repository, or one point: structure, checksums, links and every block digest."""
     if "::" not in target and os.path.isdir(target):
         repo, only, cat = Repository.open(target), None, None
     else:
         res = open_point(target)
         repo, only, cat = res.repo, res.point, res.catalog
-    report = run_verify(repo, only, progress=BarProgress(not as_json), cat=cat)
+    report = run_verify(repo, only, progress=BarProgress(not as_json), cat=cat,
+                        keyring=_keyring(passphrase_file, identity, ask=False))  # fmt: skip
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=1))
     else:
@@ -431,6 +514,47 @@ def verify(target: str, as_json: bool) -> None:
         click.echo(f"{len(report.points)} point(s) checked, {bad} problem(s)")
     if not report.ok:
         sys.exit(IntegrityError.exit_code)
+
+
+@main.group()
+def key() -> None:
+    """Keys of encrypted chains: generate a recipient's key pair, change a chain's passphrase."""
+
+
+@key.command()
+@click.argument("path")
+@handle_errors
+def generate(path: str) -> None:
+    """Write a new X25519 key pair: PATH (the secret identity, mode 0600: keep it off the machines that back
+    up) and PATH.pub (for `backup --recipient`)."""
+    pub = generate_identity(path)
+    click.echo(f"wrote {path} (secret: restore, verify and mount need it; keep it off the backed-up machines) "
+               f"and {pub} (for backup --recipient)")  # fmt: skip
+
+
+@key.command(name="change-passphrase")
+@click.argument("target", metavar="POINT|CHAIN")
+@click.option("--passphrase-file", metavar="FILE", help=f"The old passphrase (else {PASSPHRASE_ENV}, else a prompt).")
+@click.option("--new-passphrase-file", metavar="FILE", help="The new passphrase (else IMAGECHAIN_NEW_PASSPHRASE, "
+              "else a prompt, twice).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def change_passphrase_cmd(target: str, passphrase_file: str | None, new_passphrase_file: str | None,
+                          as_json: bool) -> None:  # fmt: skip
+    """Re-seal the keys of every point of an encrypted chain (every point of the chain named, or of the
+    point's chain) under a new passphrase, in place; no data is re-encrypted. Crash-safe: until it ends
+    every file opens with the old or with the new passphrase; run it again to finish an interrupted run."""
+    res = open_point(target)
+    chain_id = res.point.header.chain_id
+    points = [p for p in res.catalog.points.values() if p.header.chain_id == chain_id]
+    old = _read_passphrase(passphrase_file) or _ask("old passphrase", False)()
+    new = _read_passphrase(new_passphrase_file, "IMAGECHAIN_NEW_PASSPHRASE") or _ask("new passphrase", True)()
+    r = change_passphrase(res.repo, points, old, new)
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=1))
+        return
+    click.echo(f"chain {chain_id.hex[:8]}: {r.points} point(s) now open with the new passphrase only "
+               f"({r.sealed} key slots sealed, {r.cleared} old ones cleared)")  # fmt: skip
 
 
 @main.command(name="break-lock")

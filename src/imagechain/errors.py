@@ -67,5 +67,11 @@ class NoSpaceError(ImagechainError):
     exit_code = 10
 
 
+class CredentialsError(ImagechainError):
+    """An encrypted point needs a passphrase or identity that was not given, or the one given is wrong."""
+
+    exit_code = 11
+
+
 # Stop signals are not errors: interrupts.Stopped exits with 128 + the signal number (130 SIGINT,
 # 143 SIGTERM, 129 SIGHUP) after saying what the stop left behind.

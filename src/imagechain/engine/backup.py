@@ -14,18 +14,21 @@ from datetime import UTC, datetime
 
 import blake3
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from .. import __version__, interrupts
 from ..address import select
 from ..blockmap import block_count
 from ..chain import FOLLOWS, Catalog, MapStream, describe, newest_generation
 from ..codec import CodecParams, encode
+from ..crypto import Passphrase, PointKeys
 from ..damage import DamageRecord
 from ..errors import AmbiguousPointError, ChainBrokenError, ImagechainError, SourceError, UsageError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader, SegmentFile, assemble, scan_file
 from ..format.writer import WRITE_QUEUE, ImageWriter
 from ..identity import HostIdentity, local_host
+from ..keyring import Keyring, keys_for_new_point
 from ..limits import Limits, RateLimiter, pieces
 from ..lock import ChainLock
 from ..mapcache import MapFile, MapWriter, cache_path, commit_tip, default_cache_dir, open_cached
@@ -153,6 +156,8 @@ def backup(
     cache_dir: str | None = "",
     threads: int | None = None,
     limits: Limits | None = None,
+    encrypt: Passphrase | X25519PublicKey | None = None,
+    keyring: Keyring | None = None,
     progress: Progress | None = None,
 ) -> BackupResult:
     """Make the next point of `chain` for the source: incremental when the chain exists, else full.
@@ -160,7 +165,9 @@ def backup(
     `parent` (an address within the repository: a point id prefix or CHAIN@SEL) picks the point to
     continue when the chain has forked. `all_blocks` reads every block even where the filesystem's
     used-block map would skip the unused ones. `limits` says what the backup may take from the machine
-    (priorities, rates, threads, buffer memory); `threads` is a shortcut for its thread count."""
+    (priorities, rates, threads, buffer memory); `threads` is a shortcut for its thread count. `encrypt`
+    starts an encrypted chain (a passphrase, or a recipient's public key); `keyring` opens an encrypted
+    chain's parent (its passphrase, identity, or the local key store of a recipient-mode writer)."""
     limits = limits or Limits()
     limits.check()
     threads = threads or limits.threads or default_threads()
@@ -186,7 +193,8 @@ def backup(
                          src.lock_record())  # fmt: skip
         with lock:
             job = _Job(src, repo, host, chain, full, parent, block_size, codec, split_size, cache,
-                       threads, progress, lock, source_moved, mounted, all_blocks, limits)  # fmt: skip
+                       threads, progress, lock, source_moved, mounted, all_blocks, limits, encrypt,
+                       keyring or Keyring())  # fmt: skip
             for n in lock.notices:
                 job.note(n)
             return job.run()
@@ -211,6 +219,8 @@ class _Job:
     mounted: str = ""  # --allow-mounted: what was mounted read-write while the source was read
     all_blocks: bool = False
     limits: Limits = field(default_factory=Limits)
+    encrypt: Passphrase | X25519PublicKey | None = None
+    ring: Keyring = field(default_factory=Keyring)
     notices: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:
@@ -240,6 +250,7 @@ class _Job:
                 lin = cat.lineage(parent)
             except ChainBrokenError as e:
                 raise ChainBrokenError(f"{e}; use --full to start a new chain") from e
+            self.ring.unlock_all(lin, need_data=False)  # an encrypted chain's block maps need its digest key
             prove_stored(repo.store, lin)
         check_s = time.monotonic() - tc
         with contextlib.ExitStack() as stack:
@@ -340,6 +351,7 @@ class _Job:
         usage = self._usage(bs)
         point_id = uuid.uuid4()
         created = time.time_ns() // 1000
+        sealing = keys_for_new_point(self.ring, chain_id, point_id, parent, self.encrypt)
         header = spec.PointHeader(
             point_id=point_id, chain_id=chain_id, parent_id=parent.point_id if parent else None,
             parent_state=parent.footer.state_digest if parent else bytes(32),
@@ -355,8 +367,13 @@ class _Job:
                 **({FOLLOWS: gen[0].header.chain_id.hex} if parent is None and gen else {}),
                 **({"mounted_while_read": self.mounted} if self.mounted else {}),
                 "used_map": usage.method, **({"layout": usage.layout} if usage.layout else {}),
+                **(sealing.metadata if sealing else {}),
             },
         )  # fmt: skip
+        keys = sealing.keys if sealing else None
+        if sealing is not None:
+            header.encryption, header.digest_algorithm = spec.ENCRYPTION_AES256GCM, spec.DIGEST_BLAKE3_KEYED
+            header.key_material = sealing.key_material
         base = repo.point_base(chain_dir, created, sequence, parent is None, point_id.hex)
         record = DamageRecord.of(repo.store, lin[0]) if lin else None
         heal, heal_from = record.to_restore(lin) if record else (np.zeros(0, np.int64), [])
@@ -366,10 +383,10 @@ class _Job:
         total = lim.buffer_memory // (2 * CHUNK_BYTES) if lim.buffer_memory else 0  # chunks: data + payloads
         queued = max(1, min(WRITE_QUEUE, total // 4)) if total else WRITE_QUEUE
         writer = ImageWriter(repo.store, base, header, split, write_rate if lim.max_write_rate else None,
-                             lim.apply, queued)  # fmt: skip
+                             lim.apply, queued, keys)  # fmt: skip
         cachew = MapWriter(self.cache, src.size, bs)
         pipe = _Pipe(self.threads, max(1, total - queued) if total else 0, lim.apply,
-                     read_rate if lim.max_read_rate else None)  # fmt: skip
+                     read_rate if lim.max_read_rate else None, keys)  # fmt: skip
         try:
             stats = _run(src, bs, codec, pmap, writer, cachew, pipe, self.progress, heal, usage.used)
             warnings = src.check_unchanged()  # a size change is an error: nothing is published
@@ -391,6 +408,8 @@ class _Job:
         for name, size in writer.size_limits:
             self.note(f"the filesystem refused to grow {name} past {size} bytes (file too large); "
                       f"the point continues in a new segment")  # fmt: skip
+        if sealing is not None:
+            sealing.remember()
         commit_tip(cachew, self.cache, point_id, stats.state,
                    (parent.point_id, parent.footer.state_digest) if parent else None)  # fmt: skip
         return BackupResult(
@@ -548,6 +567,7 @@ class _Pipe:
     depth: int  # chunks in flight at most; 0: two per worker
     init: Callable[[], None] | None = None
     read_rate: RateLimiter | None = None
+    keys: PointKeys | None = None  # an encrypted point's: keyed digests, sealed payloads
 
 
 def _read(src: Source, bs: int, item: _Item, rate: RateLimiter | None = None) -> tuple[bytearray, int]:
@@ -583,6 +603,11 @@ def _run(
     except (OSError, AttributeError):
         pass
 
+    keys = pipe.keys
+
+    def digest(block: memoryview) -> bytes:
+        return blake3.blake3(block).digest() if keys is None else keys.digest(block)
+
     def work(item: _Item) -> _Chunk:
         """Read (workers read in parallel, so the device always has several requests queued), then find
         zero blocks, digest the rest, compare with the parent map and compress what changed."""
@@ -607,7 +632,7 @@ def _run(
                 kinds[~item.used] = spec.BLOCK_UNUSED
             dbuf = bytearray(32 * n)
             for j in np.flatnonzero(kinds == spec.BLOCK_DATA).tolist():
-                dbuf[32 * j : 32 * j + 32] = blake3.blake3(mv[j * bs : (j + 1) * bs]).digest()
+                dbuf[32 * j : 32 * j + 32] = digest(mv[j * bs : (j + 1) * bs])
             digests = np.frombuffer(dbuf, np.uint8).reshape(n, 32)
         if item.hole and item.used is not None:
             kinds[~item.used] = spec.BLOCK_UNUSED
@@ -628,7 +653,8 @@ def _run(
             raw += ln
             if kinds[j] == spec.BLOCK_DATA:
                 assert data is not None
-                payloads.append(encode(codec, memoryview(data)[j * bs : j * bs + ln]))
+                c, payload = encode(codec, memoryview(data)[j * bs : j * bs + ln])
+                payloads.append((c, payload if keys is None else keys.seal_payload(start + j, c, payload)))
         return _Chunk(start, kinds, digests, idx, payloads, raw, nread)
 
     state = StateHasher(size, bs)

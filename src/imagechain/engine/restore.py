@@ -31,6 +31,7 @@ from ..errors import ImagechainError, IntegrityError, NoSpaceError, TargetError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader
 from ..identity import local_host
+from ..keyring import Keyring
 from ..lock import running_sources
 from ..mounts import in_use
 from ..partitions import relocate_gpt_backup
@@ -73,6 +74,10 @@ class PayloadSource:
     def __init__(self, repo: Repository, points: list[PointFiles]) -> None:
         self.readers = [PointReader(repo.store, p) for p in points]
         self.points = points
+        self.keys = points[-1].keys  # an encrypted chain's (every point of a lineage shares its digest key)
+
+    def digest(self, data: bytes | memoryview) -> bytes:
+        return blake3.blake3(data).digest() if self.keys is None else self.keys.digest(data)
 
     def fetch(self, bm: BlockMap, blocks: np.ndarray) -> list[bytes]:
         """Payloads for DATA blocks (ascending block numbers inside the window bm)."""
@@ -98,10 +103,12 @@ class PayloadSource:
         i = block - bm.start
         r = self.readers[int(bm.src[i])]
         try:
+            if r.header.encrypted:
+                payload = r.keys().open_payload(block, int(bm.codec[i]), payload)
             raw = decode(int(bm.codec[i]), payload, bm.raw_length(block))
         except IntegrityError as e:
             raise IntegrityError(f"{r.segment_at(int(bm.offset[i]))}: block {block} is corrupt ({e})") from e
-        if blake3.blake3(raw).digest() != bm.digest[i].tobytes():
+        if self.digest(raw) != bm.digest[i].tobytes():
             raise IntegrityError(f"{r.segment_at(int(bm.offset[i]))}: block {block} is corrupt (digest mismatch)")
         return raw
 
@@ -147,6 +154,7 @@ def restore(
     overwrite_mounted: bool = False,
     window: tuple[int, int] | None = None,
     discard: bool = False,
+    keyring: Keyring | None = None,
 ) -> RestoreResult:
     """Restore `point` to `target`; `window` = (offset, length) restores only those bytes of the volume (a
     partition of a disk point) as a volume of their own."""
@@ -154,6 +162,7 @@ def restore(
     progress = progress or Silent()
     threads = threads or default_threads()
     points = (cat or repo.catalog()).lineage(point)
+    (keyring or Keyring()).unlock_all(points)  # an encrypted chain: wrong or missing keys stop here
     with MapStream(repo.store, points) as ms:
         ms.prove()  # the whole map against the point's state digest, before a byte is written
     h = point.header
@@ -294,7 +303,7 @@ class _Restore:
                     zeros.append(b)
             elif (lead and b == p.s) or len(cur) < bm.raw_length(b):
                 differ.append(b)  # a block cut by the window's edges: compare what lies inside the window
-            elif blake3.blake3(cur).digest() != bm.digest[b - bm.start].tobytes():
+            elif self.payloads.digest(cur) != bm.digest[b - bm.start].tobytes():
                 differ.append(b)
         raws = self.payloads.verified(bm, differ)
         if lead or len(current) < (p.e - p.s) * bs:

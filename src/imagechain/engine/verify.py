@@ -12,9 +12,10 @@ from ..blockmap import BlockMap, expand_blocks
 from ..chain import Catalog, MapStream, describe
 from ..codec import decode
 from ..damage import DamageRecord
-from ..errors import ImagechainError, IntegrityError
+from ..errors import CredentialsError, ImagechainError, IntegrityError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader
+from ..keyring import Keyring
 from ..repository import Repository
 from .pipeline import default_threads, ordered_map
 from .progress import Progress, Silent
@@ -69,7 +70,11 @@ def fork_notices(cat: Catalog, points: list[PointFiles]) -> list[str]:
 
 
 def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | None = None,
-           progress: Progress | None = None, cat: Catalog | None = None) -> VerifyReport:  # fmt: skip
+           progress: Progress | None = None, cat: Catalog | None = None,
+           keyring: Keyring | None = None) -> VerifyReport:  # fmt: skip
+    """Every target point's structure, links, map and payloads. Encrypted points are checked as far as the
+    keys given allow (docs/SECURITY.md): all of it with the passphrase or identity; maps but not payloads
+    with only a recipient-mode writer's digest key; without keys, structure, links and checksums."""
     progress = progress or Silent()
     cat = cat or repo.catalog()
     report = VerifyReport(leftovers=list(cat.leftovers), notices=list(cat.notices))
@@ -86,6 +91,7 @@ def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | N
         except ImagechainError:
             targets = cat.ancestry(only)  # the broken link is reported by the map proof
     report.notices += fork_notices(cat, targets)
+    report.notices += _unlock(keyring or Keyring(), targets)
     maps = _prove_maps(repo, cat, targets)
     progress.start("verify", max(1, sum(p.footer.index_offset for p in targets)))  # ~ payload bytes
     try:
@@ -176,20 +182,48 @@ def _prove_maps(repo: Repository, cat: Catalog, targets: list[PointFiles]) -> di
             for p in cat.ancestry(leaf):
                 out.setdefault(p.point_id, str(e))
             continue
+        if any(p.header.encrypted and p.keys is None for p in lin):
+            continue  # no keys: what the footers link is checked, not what the sealed indexes say
         with MapStream(repo.store, lin) as ms:
             out.update(ms.prove_all(skip=set(out)))
     return out
 
 
+def _unlock(ring: Keyring, targets: list[PointFiles]) -> list[str]:
+    """Attach what keys there are to encrypted points; a notice for each chain checked less than fully."""
+    less: dict[uuid.UUID, str] = {}
+    for p in targets:
+        if not p.header.encrypted:
+            continue
+        try:
+            ring.unlock(p)
+            continue
+        except CredentialsError as e:
+            why = str(e)
+        try:
+            ring.unlock(p, need_data=False)
+            less.setdefault(p.header.chain_id, f"payloads not checked (only the chain's digest key is here; {why})")
+        except CredentialsError:
+            less.setdefault(p.header.chain_id, f"structure, links and checksums only ({why})")
+    return [f"encrypted chain {cid.hex[:8]}: {what}" for cid, what in less.items()]
+
+
 def _verify_point(repo: Repository, p: PointFiles, threads: int, progress: Progress) -> PointReport:
     rep = PointReport(str(p.point_id), p.name, True)
+    sealed = p.header.encrypted and (p.keys is None or p.keys.data_key is None)
     with PointReader(repo.store, p) as r:
         try:
-            r.summary()
+            if not (p.header.encrypted and p.keys is None):
+                r.summary()
         except (ImagechainError, ValueError) as e:  # informational: the data is not affected
             rep.notices.append(f"{e} (statistics only; the point's data is not affected)")
         try:
+            if p.header.encrypted and p.keys is None:
+                r.check_stored()
+                return rep
             r.check_index()
+            if sealed:
+                return rep
             bad, rep.checked_blocks = _check_payloads(r, p.header, threads, progress)
         except ImagechainError as e:
             rep.problems.append(str(e))
@@ -223,6 +257,7 @@ def _check_payloads(r: PointReader, h: spec.PointHeader, threads: int,
                     progress: Progress) -> tuple[list[tuple[int, str]], int]:  # fmt: skip
     """(bad blocks with the file holding each, DATA blocks checked)."""
     geometry = BlockMap(h.volume_size, h.block_size, np.zeros(0, np.uint8), np.zeros((0, 32), np.uint8))
+    keys = r.keys() if h.encrypted else None
 
     def work(batch: np.ndarray) -> tuple[int, int, list[tuple[int, str]]]:
         bad = []
@@ -236,8 +271,11 @@ def _check_payloads(r: PointReader, h: spec.PointHeader, threads: int,
             blk = int(e["block"])
             o = int(e["offset"]) - lo
             try:
-                raw = decode(int(e["codec"]), bytes(buf[o : o + int(e["length"])]), geometry.raw_length(blk))
-                if spec.b3(raw) != e["digest"].tobytes():
+                payload = bytes(buf[o : o + int(e["length"])])
+                if keys is not None:
+                    payload = keys.open_payload(blk, int(e["codec"]), payload)
+                raw = decode(int(e["codec"]), payload, geometry.raw_length(blk))
+                if (spec.b3(raw) if keys is None else keys.digest(raw)) != e["digest"].tobytes():
                     bad.append((blk, r.segment_at(int(e["offset"]))))
             except IntegrityError:
                 bad.append((blk, r.segment_at(int(e["offset"]))))

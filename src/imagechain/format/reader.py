@@ -15,7 +15,8 @@ import blake3
 import numpy as np
 import zstandard
 
-from ..errors import IntegrityError, RepositoryError
+from ..crypto import N_DIRECTORY, N_FRAME, N_SUMMARY, TRAILER, PointKeys
+from ..errors import CredentialsError, IntegrityError, RepositoryError
 from ..stores import RandomReader, Store, StoreEntry
 from . import spec
 from .writer import EXTENSION, segment_name, split_segment_name
@@ -109,6 +110,7 @@ class PointFiles:
     footer: spec.Footer
     segments: list[SegmentFile]
     _summary: dict[str, object] | None = field(default=None, repr=False)
+    keys: PointKeys | None = field(default=None, repr=False)  # an encrypted point's, once unlocked (keyring)
 
     @property
     def point_id(self) -> uuid.UUID:
@@ -175,7 +177,7 @@ def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> Assembly:
                                 f"the footer says {footer.logical_length}")  # fmt: skip
     header = segs[0].header
     unchecked = [f.name for f in segs if not f.seg_checked]
-    if unchecked and header is not None and spec.b3(header.pack()) == footer.header_digest:
+    if unchecked and header is not None and header.digest() == footer.header_digest:
         return Assembly(damaged=f"point {short} is damaged: segment header checksum mismatch in "
                                 f"{', '.join(unchecked)}", salvage=PointFiles(header, footer, segs))  # fmt: skip
     if header is None:
@@ -183,7 +185,7 @@ def assemble(point_id: uuid.UUID, files: list[SegmentFile]) -> Assembly:
         rough = segs[0].unchecked
         return Assembly(damaged=f"point {short} is damaged: {segs[0].name}: {why}",
                         salvage=PointFiles(rough, footer, segs) if rough and rough.point_id == point_id else None)
-    if spec.b3(header.pack()) != footer.header_digest:
+    if header.digest() != footer.header_digest:
         return Assembly(damaged=f"point {short} is damaged: {segs[0].name}: the header does not match the "
                                 f"footer (altered header)", salvage=PointFiles(header, footer, segs))  # fmt: skip
     out = Assembly(PointFiles(header, footer, segs))
@@ -277,8 +279,17 @@ class PointReader:
         parts = list(self.iter_index())
         return np.concatenate(parts) if parts else np.zeros(0, spec.INDEX_ENTRY)
 
+    def keys(self) -> PointKeys:
+        """An encrypted point's keys (attached by a keyring: keyring.Keyring.unlock)."""
+        if self.files.keys is None:
+            raise CredentialsError(f"point {str(self.header.point_id)[:8]} ({self.files.name}) is encrypted: "
+                                   f"give its passphrase or identity")  # fmt: skip
+        return self.files.keys
+
     def directory(self) -> np.ndarray | None:
-        """The frame directory (format 1.1), checked against the footer; None for 1.0 points."""
+        """The frame directory (format 1.1), checked against the footer; None for 1.0 points. An encrypted
+        point's directory is sealed with a trailer that binds the footer's state digest, header digest and
+        entry count to the keys: a footer altered to match altered data is found out here."""
         ft = self.footer
         if self.header.minor < 1:
             return None
@@ -286,6 +297,13 @@ class PointReader:
         if spec.b3(raw)[: spec.DIRECTORY_DIGEST_SIZE] != ft.directory_digest:
             raise IntegrityError(f"{self.segment_at(ft.directory_offset)}: index frame directory checksum "
                                  f"mismatch")  # fmt: skip
+        if self.header.encrypted:
+            plain = self.keys().open_meta(0, N_DIRECTORY, raw, f"{self.files.name}: index frame directory")
+            raw, trailer = plain[: len(plain) - TRAILER.size], plain[len(plain) - TRAILER.size :]
+            if len(trailer) != TRAILER.size or TRAILER.unpack(trailer) != (ft.state_digest, ft.header_digest,
+                                                                            ft.index_count):  # fmt: skip
+                raise IntegrityError(f"{self.files.name}: footer does not match what the point's keys sealed "
+                                     f"(state digest, header digest or index size altered)")  # fmt: skip
         if len(raw) % spec.FRAME_ENTRY.itemsize:
             raise IntegrityError(f"{self.files.name}: index frame directory has a partial entry")
         d = np.frombuffer(raw, spec.FRAME_ENTRY)
@@ -304,12 +322,16 @@ class PointReader:
             yield from self._iter_index_v10()
             return
         dctx = zstandard.ZstdDecompressor()
-        for fr in d[d["end_block"] > from_block] if from_block else d:
+        keys = self.keys() if self.header.encrypted else None
+        for i in np.flatnonzero(d["end_block"] > from_block).tolist() if from_block else range(len(d)):
+            fr = d[i]
             off, ln, n = int(fr["offset"]), int(fr["length"]), int(fr["entries"])
             raw = self.read(off, ln)
             where = self.segment_at(off)
             if spec.b3(raw) != fr["digest"].tobytes():
                 raise IntegrityError(f"{where}: index checksum mismatch (frame at {off})")
+            if keys is not None:
+                raw = keys.open_meta(i, N_FRAME, raw, f"{where}: index frame {i}")
             try:
                 data = dctx.decompress(raw, max_output_size=n * spec.INDEX_ENTRY.itemsize)
             except zstandard.ZstdError as e:
@@ -354,6 +376,12 @@ class PointReader:
 
     def check_index(self) -> None:
         """Prove the stored index bytes (and the frame directory) against the footer without decoding."""
+        self.check_stored()
+        self.directory()
+
+    def check_stored(self) -> None:
+        """The stored index and frame directory bytes against the footer's digests: what can be proven of an
+        encrypted point without its keys."""
         ft = self.footer
         h = blake3.blake3()
         pos, end = ft.index_offset, ft.index_offset + ft.index_length
@@ -363,7 +391,10 @@ class PointReader:
             pos += n
         if h.digest() != ft.index_digest:
             raise IntegrityError(f"{self.segment_at(ft.index_offset)}: index checksum mismatch")
-        self.directory()
+        raw = self.read(ft.directory_offset, ft.directory_length) if ft.directory_length else b""
+        if self.header.minor >= 1 and spec.b3(raw)[: spec.DIRECTORY_DIGEST_SIZE] != ft.directory_digest:
+            raise IntegrityError(f"{self.segment_at(ft.directory_offset)}: index frame directory checksum "
+                                 f"mismatch")  # fmt: skip
 
     def summary(self) -> dict[str, object]:
         if self.files._summary is None:
@@ -371,6 +402,8 @@ class PointReader:
             raw = self.read(ft.summary_offset, ft.summary_length)
             if spec.b3(raw) != ft.summary_digest:
                 raise IntegrityError(f"{self.files.name}: summary checksum mismatch")
+            if self.header.encrypted:
+                raw = self.keys().open_meta(0, N_SUMMARY, raw, f"{self.files.name}: summary")
             self.files._summary = json.loads(raw)
         return self.files._summary
 

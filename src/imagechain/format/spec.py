@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import IntegrityError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2  # 1.1: frame directory after the index (section 5.1); 1.2: UNUSED blocks, layout
+FORMAT_MINOR = 3  # 1.1: frame directory after the index (section 5.1); 1.2: UNUSED blocks, layout; 1.3: encryption
 
 # --- segment header: the first bytes of every file of a point -----------------------------------
 SEGMENT_MAGIC = b"ICHSEG01"
@@ -156,12 +156,27 @@ class PointHeader:
     encryption: int = ENCRYPTION_NONE
     key_material: bytes = b""
     minor: int = FORMAT_MINOR
+    mac: bytes = b""  # as read (an encrypted header's MAC is keyed: proven when its keys are known)
 
     @property
     def block_count(self) -> int:
         return -(-self.volume_size // self.block_size)
 
-    def pack(self) -> bytes:
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption != ENCRYPTION_NONE
+
+    def _masked(self, raw: bytes) -> bytes:
+        """The header with its key material zeroed: what an encrypted header's MAC and digest cover, so
+        that re-wrapping keys in place (key change-passphrase) changes neither."""
+        if not self.encrypted:
+            return raw
+        a, z = HEADER_FIXED_SIZE, HEADER_FIXED_SIZE + len(self.key_material)
+        return raw[:a] + bytes(z - a) + raw[z:]
+
+    def pack(self, mac_key: bytes | None = None) -> bytes:
+        """The header's bytes; an encrypted header is MAC'd with mac_key (keyed BLAKE3), or keeps the MAC
+        it was read with."""
         meta = json.dumps(self.metadata, sort_keys=True, ensure_ascii=False).encode()
         length = HEADER_FIXED_SIZE + len(self.key_material) + len(meta) + HEADER_MAC_SIZE
         fixed = HEADER_FIXED.pack(
@@ -174,7 +189,21 @@ class PointHeader:
             bytes(3), self.split_size, len(self.key_material), len(meta), bytes(80),
         )  # fmt: skip
         body = fixed + self.key_material + meta
-        return body + b3(body)
+        if not self.encrypted:
+            return body + b3(body)
+        if mac_key is not None:
+            self.mac = blake3.blake3(self._masked(body), key=mac_key).digest()
+        if len(self.mac) != HEADER_MAC_SIZE:
+            raise ValueError("an encrypted header needs its MAC key")
+        return body + self.mac
+
+    def digest(self) -> bytes:
+        """What the footer's header_digest holds: BLAKE3 of the header (key material zeroed if encrypted)."""
+        return b3(self._masked(self.pack()))
+
+    def mac_matches(self, mac_key: bytes) -> bool:
+        raw = self.pack()
+        return blake3.blake3(self._masked(raw[:-HEADER_MAC_SIZE]), key=mac_key).digest() == self.mac
 
     @classmethod
     def unpack(cls, raw: bytes, name: str, check: bool = True) -> PointHeader:
@@ -190,7 +219,7 @@ class PointHeader:
         if length != HEADER_FIXED_SIZE + klen + mlen + HEADER_MAC_SIZE or len(raw) < length:
             raise IntegrityError(f"{name}: point header length fields are inconsistent")
         body, mac = raw[: length - HEADER_MAC_SIZE], raw[length - HEADER_MAC_SIZE : length]
-        if check and b3(body) != mac:
+        if check and enc == ENCRYPTION_NONE and b3(body) != mac:
             raise IntegrityError(f"{name}: point header checksum mismatch")
         try:
             meta = json.loads(body[HEADER_FIXED_SIZE + klen :].decode())
@@ -206,7 +235,7 @@ class PointHeader:
             host_id=host, source_id=source, sequence=seq, block_size=bs, volume_size=vsize,
             created_us=created, kind=kind, compression=comp, compression_level=level, split_size=split,
             metadata=meta, digest_algorithm=dalg, encryption=enc,
-            key_material=body[HEADER_FIXED_SIZE : HEADER_FIXED_SIZE + klen], minor=minor,
+            key_material=body[HEADER_FIXED_SIZE : HEADER_FIXED_SIZE + klen], minor=minor, mac=mac,
         )  # fmt: skip
 
     @staticmethod

@@ -20,6 +20,7 @@ import numpy as np
 import zstandard
 
 from .. import interrupts
+from ..crypto import N_DIRECTORY, N_FRAME, N_SUMMARY, TRAILER, PointKeys
 from ..errors import NoSpaceError
 from ..limits import RateLimiter
 from ..stores import AtomicWriter, Store
@@ -47,9 +48,12 @@ def split_segment_name(name: str) -> tuple[str, int | None]:
 
 
 class ImageWriter:
+    """keys: an encrypted point's; index frames, the frame directory and the summary are then sealed
+    (payloads come sealed already) and the header is MAC'd with the chain's header key."""
+
     def __init__(self, store: Store, base: str, header: spec.PointHeader, split_size: int = 0,
                  write_rate: RateLimiter | None = None, thread_init: Callable[[], None] | None = None,
-                 queued: int = WRITE_QUEUE) -> None:  # fmt: skip
+                 queued: int = WRITE_QUEUE, keys: PointKeys | None = None) -> None:  # fmt: skip
         if split_size and split_size < 1 << 20:
             raise ValueError("split size below 1 MiB")
         self.store, self.base, self.header = store, base, header
@@ -68,8 +72,11 @@ class ImageWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._rate, self._thread_init = write_rate, thread_init
+        self.keys = keys
+        if header.encrypted and keys is None:
+            raise ValueError("an encrypted point needs its keys")
         self._open_segment()
-        self.header_bytes = header.pack()
+        self.header_bytes = header.pack(keys.header_mac_key if keys is not None else None)
         self.append(self.header_bytes)
         self._next = self.logical + len(self._buf)  # logical offset of the next payload appended
 
@@ -183,13 +190,15 @@ class ImageWriter:
         if self._index_pending:
             ent = np.concatenate(self._index_pending)
             frame = self._zc.compress(ent.tobytes())
+            if self.keys is not None:
+                frame = self.keys.seal_meta(len(self._directory), N_FRAME, frame)
             self._frames.write(frame)
             first = int(ent["block"][0])
             end = int(ent["block"][-1]) + int(ent["count"][-1])
             self._directory.append((first, end, len(frame), len(ent), spec.b3(frame)))
             self._index_pending, self._index_pending_n = [], 0
 
-    def _write_index(self) -> tuple[int, int, bytes, bytes]:
+    def _write_index(self, state_digest: bytes) -> tuple[int, int, bytes, bytes]:
         """Copy the spilled frames into the stream, then the frame directory. (offset, length, index
         digest, directory bytes)"""
         self._flush_index_frame()
@@ -204,14 +213,19 @@ class ImageWriter:
         self._frames.close()
         index_length = self.append(b"") - index_offset
         raw_dir = directory.tobytes() if self.header.minor >= 1 else b""  # 1.0 files have none
+        if self.keys is not None:
+            trailer = TRAILER.pack(state_digest, self.header.digest(), self.index_count)
+            raw_dir = self.keys.seal_meta(0, N_DIRECTORY, raw_dir + trailer)
         self.append(raw_dir)
         return index_offset, index_length, index_digest.digest(), raw_dir
 
     def finish(self, state_digest: bytes, summary: dict[str, object]) -> list[str]:
         """Write index, frame directory, summary and footer; publish every segment. Returns the segment
         names."""
-        index_offset, index_length, index_digest, raw_dir = self._write_index()
+        index_offset, index_length, index_digest, raw_dir = self._write_index(state_digest)
         summary_bytes = json.dumps(summary, sort_keys=True).encode()
+        if self.keys is not None:
+            summary_bytes = self.keys.seal_meta(0, N_SUMMARY, summary_bytes)
         summary_offset = self.append(summary_bytes)
         self._drain()
         while True:
@@ -220,7 +234,7 @@ class ImageWriter:
             footer = spec.Footer(
                 self.header.point_id, index_offset, index_length, self.index_count, index_digest,
                 summary_offset, len(summary_bytes), spec.b3(summary_bytes), len(self.segments),
-                state_digest, spec.b3(self.header_bytes), self.logical + spec.FOOTER_SIZE,
+                state_digest, self.header.digest(), self.logical + spec.FOOTER_SIZE,
                 spec.b3(raw_dir)[: spec.DIRECTORY_DIGEST_SIZE] if self.header.minor >= 1 else bytes(24),
             ).pack()  # fmt: skip
             nsegs = len(self.segments)

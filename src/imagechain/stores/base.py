@@ -99,6 +99,11 @@ class Store(ABC):
     @abstractmethod
     def exists(self, name: str) -> bool: ...
 
+    def patch(self, name: str, offset: int, data: bytes) -> None:
+        """Overwrite bytes of a published file in place, durably. Only for regions that prove themselves
+        (an encrypted point's key slots, docs/FORMAT.md section 11); stores that cannot raise."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change a file in place")
+
     @abstractmethod
     def filesystem(self) -> str:
         """The filesystem type holding the store ('ext4', 'vfat', 'exfat', 'ntfs', '' if unknown);

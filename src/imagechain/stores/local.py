@@ -275,6 +275,21 @@ class LocalStore(Store):
         _fsync_dir(os.path.dirname(p))
         return True
 
+    def patch(self, name: str, offset: int, data: bytes) -> None:
+        try:
+            fd = os.open(self.path(name), os.O_WRONLY | _BINARY)
+        except OSError as e:
+            _raise_io(e, name)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]
+            os.fsync(fd)
+        except OSError as e:
+            _raise_io(e, name)
+        finally:
+            os.close(fd)
+
     def replace(self, name: str, data: bytes) -> None:
         w = self.create(name)
         try:

@@ -1,0 +1,282 @@
+"""Encrypted chains: the keys, how every image file carries them wrapped, and how a point's parts are
+sealed (docs/SECURITY.md for the threat model, docs/FORMAT.md section 11 for the bytes).
+
+Keys, all 32 random bytes:
+- the chain's *digest key*: block digests are BLAKE3 keyed with it, so equal blocks look alike only
+  to someone who holds it, and CBC compares digests without decrypting anything. Index frames, the
+  frame directory and the summary are sealed with a key derived from it and the point id, and the
+  header's MAC is keyed with another: whoever may write the chain can read its block maps.
+- each point's *data key*: seals that point's payloads (AES-256-GCM; the nonce is the block number,
+  the point id, block number and codec are associated data). Fresh for every point.
+
+Every image file carries both keys of its point in two *key slots* (4 KiB apart, so a torn write can
+only ever damage one): sealed by a key derived from a passphrase (Argon2id, parameters in the slot) or
+for a recipient (X25519 with an ephemeral key, HKDF-SHA256). The slots lie outside what the header MAC
+and the footer's header digest cover: `key change-passphrase` rewrites one slot at a time, in place,
+and each slot proves itself (its AEAD tag), so a file always opens with one passphrase or the other.
+
+In recipient mode the backing-up machine keeps only the digest key (its key store) and the recipient's
+public key: it writes incrementals, reads block maps, and cannot open a payload."""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+import blake3
+from argon2.low_level import Type, hash_secret_raw
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import CredentialsError, IntegrityError, UsageError
+
+SLOT_SIZE = 4096
+SLOT_COUNT = 2
+KEY_MATERIAL_SIZE = SLOT_SIZE * SLOT_COUNT
+SLOT_USED = 128  # bytes of a slot that carry anything; the rest is zero
+SLOT_EMPTY, SLOT_PASSPHRASE, SLOT_RECIPIENT = 0, 1, 2
+TAG = 16
+# Argon2id: ~0.3 s and 128 MiB on one of this project's 2-core machines, once per chain and run
+ARGON2_TIME, ARGON2_MEMORY_KIB, ARGON2_LANES = 3, 128 << 10, 2
+_SLOT_AAD = b"imagechain-keyslot-v1\0"
+# nonce suffixes (after a u64 counter) of the things sealed under a point's keys
+N_PAYLOAD, N_FRAME, N_DIRECTORY, N_SUMMARY = 0, 1, 2, 3
+
+
+# the end of an encrypted point's sealed frame directory: the footer's state digest, header digest and
+# index entry count, so that the keys vouch for the footer too
+TRAILER = struct.Struct("<32s32sQ")
+
+
+def _nonce(counter: int, kind: int) -> bytes:
+    return struct.pack("<QI", counter, kind)
+
+
+def _derive(context: str, key: bytes, extra: bytes = b"") -> bytes:
+    return blake3.blake3(key + extra, derive_key_context=f"imagechain 2026 {context}").digest()
+
+
+@dataclass(frozen=True)
+class PointKeys:
+    """The keys one point needs; data_key is None where only the digest key is known (the writer of a
+    recipient-mode chain, or `verify` of structure only)."""
+
+    point_id: uuid.UUID
+    digest_key: bytes
+    data_key: bytes | None
+    _aead: dict[str, AESGCM] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def header_mac_key(self) -> bytes:
+        return header_mac_key(self.digest_key)
+
+    def _cipher(self, which: str) -> AESGCM:
+        c = self._aead.get(which)
+        if c is None:
+            if which == "data":
+                if self.data_key is None:
+                    raise CredentialsError("this needs the chain's passphrase or the recipient's identity "
+                                           "(--identity): the key that opens payloads is not known here")
+                key = self.data_key
+            else:
+                key = _derive("index", self.digest_key, self.point_id.bytes)
+            c = self._aead[which] = AESGCM(key)
+        return c
+
+    # payloads: under the point's data key
+    def seal_payload(self, block: int, codec: int, data: bytes | memoryview) -> bytes:
+        return self._cipher("data").encrypt(_nonce(block, N_PAYLOAD), bytes(data), self._payload_aad(block, codec))
+
+    def open_payload(self, block: int, codec: int, sealed: bytes | memoryview) -> bytes:
+        try:
+            return self._cipher("data").decrypt(_nonce(block, N_PAYLOAD), bytes(sealed),
+                                                self._payload_aad(block, codec))  # fmt: skip
+        except InvalidTag as e:
+            raise IntegrityError(f"block {block} does not decrypt (altered, or moved from another block or point)") \
+                from e  # fmt: skip
+
+    def _payload_aad(self, block: int, codec: int) -> bytes:
+        return b"payload\0" + self.point_id.bytes + struct.pack("<QB", block, codec)
+
+    # index frames, the frame directory, the summary: under the index key (from the digest key)
+    def seal_meta(self, counter: int, kind: int, data: bytes) -> bytes:
+        return self._cipher("index").encrypt(_nonce(counter, kind), data, self.point_id.bytes)
+
+    def open_meta(self, counter: int, kind: int, sealed: bytes, what: str) -> bytes:
+        try:
+            return self._cipher("index").decrypt(_nonce(counter, kind), sealed, self.point_id.bytes)
+        except InvalidTag as e:
+            raise IntegrityError(f"{what} does not decrypt (altered, or not this point's)") from e
+
+    def digest(self, data: bytes | memoryview) -> bytes:
+        return blake3.blake3(data, key=self.digest_key).digest()
+
+
+def header_mac_key(digest_key: bytes) -> bytes:
+    return _derive("header mac", digest_key)
+
+
+def new_key() -> bytes:
+    return os.urandom(32)
+
+
+# --- key slots --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Passphrase:
+    secret: bytes
+
+    def __repr__(self) -> str:  # never in a traceback or a log
+        return "Passphrase(***)"
+
+
+def _argon2(secret: bytes, salt: bytes, t: int, m: int, p: int) -> bytes:
+    return hash_secret_raw(secret, salt, time_cost=t, memory_cost=m, parallelism=p, hash_len=32, type=Type.ID)
+
+
+def _recipient_key(shared: bytes, eph_pub: bytes, rec_pub: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, eph_pub + rec_pub, b"imagechain-keyslot-v1").derive(shared)
+
+
+def _slot_aad(chain_id: uuid.UUID, point_id: uuid.UUID, head: bytes) -> bytes:
+    return _SLOT_AAD + chain_id.bytes + point_id.bytes + head
+
+
+class KEKCache:
+    """Argon2id is slow on purpose: derive each (passphrase, salt, parameters) once per run."""
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[bytes, bytes, int, int, int], bytes] = {}
+        self._lock = threading.Lock()
+
+    def get(self, secret: bytes, salt: bytes, t: int, m: int, p: int) -> bytes:
+        k = (secret, salt, t, m, p)
+        with self._lock:
+            if k not in self._keys:
+                self._keys[k] = _argon2(secret, salt, t, m, p)
+            return self._keys[k]
+
+
+_KEKS = KEKCache()
+
+
+def seal_slot_passphrase(chain_id: uuid.UUID, point_id: uuid.UUID, keys: bytes, passphrase: Passphrase,
+                         salt: bytes, t: int = ARGON2_TIME, m: int = ARGON2_MEMORY_KIB,
+                         p: int = ARGON2_LANES) -> bytes:  # fmt: skip
+    head = struct.pack("<B3x16sIII4x", SLOT_PASSPHRASE, salt, t, m, p)
+    nonce = os.urandom(12)
+    kek = _KEKS.get(passphrase.secret, salt, t, m, p)
+    sealed = AESGCM(kek).encrypt(nonce, keys, _slot_aad(chain_id, point_id, head))
+    return (head + nonce + sealed).ljust(SLOT_SIZE, b"\0")
+
+
+def seal_slot_recipient(chain_id: uuid.UUID, point_id: uuid.UUID, keys: bytes, recipient: X25519PublicKey) -> bytes:
+    eph = X25519PrivateKey.generate()
+    eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    rec_pub = recipient.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    head = struct.pack("<B3x32s", SLOT_RECIPIENT, eph_pub)
+    nonce = os.urandom(12)
+    wrap = _recipient_key(eph.exchange(recipient), eph_pub, rec_pub)
+    sealed = AESGCM(wrap).encrypt(nonce, keys, _slot_aad(chain_id, point_id, head))
+    return (head + nonce + sealed).ljust(SLOT_SIZE, b"\0")
+
+
+def slot_kind(slot: bytes) -> int:
+    return slot[0] if slot else SLOT_EMPTY
+
+
+def slot_salt(slot: bytes) -> bytes | None:
+    return slot[4:20] if slot_kind(slot) == SLOT_PASSPHRASE else None
+
+
+def open_slot(chain_id: uuid.UUID, point_id: uuid.UUID, slot: bytes, passphrase: Passphrase | None,
+              identity: X25519PrivateKey | None) -> bytes | None:  # fmt: skip
+    """The 64 key bytes (data key, digest key) a slot seals, or None when what was given does not open it."""
+    kind = slot_kind(slot)
+    head, nonce, sealed = slot[:36], slot[36:48], slot[48 : 48 + 64 + TAG]
+    if kind == SLOT_PASSPHRASE and passphrase is not None:
+        _k, salt, t, m, p = struct.unpack("<B3x16sIII4x", head)
+        if not (1 <= t <= 64 and 8 <= m <= (4 << 20) and 1 <= p <= 64):
+            return None  # parameters nobody wrote: refuse rather than spend hours or all memory on them
+        wrap = _KEKS.get(passphrase.secret, salt, t, m, p)
+    elif kind == SLOT_RECIPIENT and identity is not None:
+        eph_pub = head[4:36]
+        rec_pub = identity.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        try:
+            shared = identity.exchange(X25519PublicKey.from_public_bytes(eph_pub))
+        except ValueError:
+            return None
+        wrap = _recipient_key(shared, eph_pub, rec_pub)
+    else:
+        return None
+    try:
+        return AESGCM(wrap).decrypt(nonce, sealed, _slot_aad(chain_id, point_id, head))
+    except InvalidTag:
+        return None
+
+
+def slots(key_material: bytes) -> list[bytes]:
+    return [key_material[i * SLOT_SIZE : (i + 1) * SLOT_SIZE] for i in range(SLOT_COUNT)]
+
+
+# --- identities (recipient mode) --------------------------------------------------------------------
+
+_PUBLIC, _SECRET = "imagechain-x25519-public", "imagechain-x25519-secret"
+
+
+def generate_identity(path: str) -> str:
+    """Write a new X25519 key pair: PATH (secret, mode 0600) and PATH.pub. Returns the public key's path."""
+    key = X25519PrivateKey.generate()
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())  # fmt: skip
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as e:
+        raise UsageError(f"{path} exists; not overwriting a key") from e
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from e
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{_SECRET} {base64.b64encode(raw).decode()}\n")
+    with open(path + ".pub", "w", encoding="utf-8") as f:
+        f.write(f"{_PUBLIC} {base64.b64encode(pub).decode()}\n")
+    return path + ".pub"
+
+
+def _read_key(path: str, kind: str) -> bytes:
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = f.read().split()
+    except OSError as e:
+        raise UsageError(f"cannot read key file {path}: {e.strerror}") from e
+    try:
+        if len(words) != 2 or words[0] != kind:
+            raise ValueError
+        raw = base64.b64decode(words[1], validate=True)
+        if len(raw) != 32:
+            raise ValueError
+    except ValueError as e:
+        what = "public key (KEY.pub)" if kind == _PUBLIC else "secret identity"
+        raise UsageError(f"{path} is not an imagechain {what} file") from e
+    return raw
+
+
+def load_recipient(path: str) -> X25519PublicKey:
+    return X25519PublicKey.from_public_bytes(_read_key(path, _PUBLIC))
+
+
+def load_identity(path: str) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(_read_key(path, _SECRET))
+
+
+def fingerprint(key: X25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return blake3.blake3(raw).hexdigest()[:16]

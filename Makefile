@@ -1,7 +1,7 @@
 # Everything a newcomer needs, on a fresh Debian machine as root: `make demo`, `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := e2fsprogs dosfstools exfatprogs exfat-fuse fusefat ntfs-3g fuse3 zstd util-linux xfsprogs fdisk gdisk mtools
+SYSTEM_PACKAGES := e2fsprogs dosfstools exfatprogs exfat-fuse fusefat ntfs-3g fuse3 zstd util-linux xfsprogs fdisk gdisk mtools strace
 BENCH_PACKAGES := borgbackup restic partclone fio
 
 .PHONY: test check demo bench system-deps clean

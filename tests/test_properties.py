@@ -21,9 +21,11 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from imagechain.address import open_point
+from imagechain.crypto import Passphrase
 from imagechain.engine.backup import BackupResult, backup
 from imagechain.engine.restore import restore
 from imagechain.fsprobe import PROBE_BYTES, probe
+from imagechain.keyring import Keyring
 from imagechain.repository import MARKER
 
 from .conftest import assert_portable, write_volume
@@ -33,6 +35,7 @@ BLOCK_SIZES = (4 << 10, 8 << 10, 64 << 10)
 FILLS = ("random", "text", "zero", "ones")
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
+PASSPHRASE = Passphrase(b"property test passphrase")
 
 # Hundreds of backups and restores, each publishing with fsync: in memory where the machine offers it,
 # so the run time measures the engine rather than the disk's flush latency.
@@ -174,10 +177,10 @@ def check_result(r: BackupResult, prev: bytes | None, data: bytes, bs: int, seq:
     assert r.files and all(not f.startswith("/") for f in r.files)
 
 
-def restore_to(address: str, out: Path, want: bytes, bs: int) -> str:
+def restore_to(address: str, out: Path, want: bytes, bs: int, keyring: Keyring | None = None) -> str:
     """Restore a point to a new file, check it bit for bit; returns the point id."""
     res = open_point(address)
-    rr = restore(res.repo, res.point, str(out))
+    rr = restore(res.repo, res.point, str(out), keyring=keyring)
     got = out.read_bytes()
     assert len(got) == len(want), f"{address}: restored {len(got)} bytes, the volume had {len(want)}"
     assert got == want, f"{address}: restored volume differs from the volume at that step"
@@ -215,9 +218,12 @@ def cache_arg(mode: str, tmp: Path) -> str | None:
     steps=st.lists(ops, min_size=1, max_size=7),
     cache=cache_modes,
     threads=st.sampled_from([None, 1, 3]),
+    encrypted=st.booleans(),
 )
 def test_chain_restores_every_step(size: int, seed: int, bs: int, steps: list, cache: str,
-                                   threads: int | None) -> None:  # fmt: skip
+                                   threads: int | None, encrypted: bool) -> None:  # fmt: skip
+    """Encrypted chains (a passphrase) too: the same volumes, the same restores."""
+    ring = Keyring(PASSPHRASE) if encrypted else None
     with scratch() as td:
         tmp = Path(td)
         vol, repo = tmp / "vol.img", tmp / "repo"
@@ -230,7 +236,8 @@ def test_chain_restores_every_step(size: int, seed: int, bs: int, steps: list, c
         for i, data in enumerate(history):
             vol.write_bytes(data)
             r = backup(str(vol), str(repo), init=True, block_size=bs if i == 0 else None,
-                       cache_dir=cache_arg(cache, tmp), threads=threads)  # fmt: skip
+                       cache_dir=cache_arg(cache, tmp), threads=threads,
+                       encrypt=PASSPHRASE if encrypted and i == 0 else None, keyring=ring)  # fmt: skip
             check_result(r, history[i - 1] if i else None, data, bs, i)
             results.append(r)
         assert len({r.chain_id for r in results}) == 1
@@ -240,12 +247,12 @@ def test_chain_restores_every_step(size: int, seed: int, bs: int, steps: list, c
             assert (results[i].state_digest == results[j].state_digest) == (history[i] == history[j])
 
         for i, want in enumerate(history):
-            pid = restore_to(f"{repo}::default@{i}", tmp / f"out{i}.img", want, bs)
+            pid = restore_to(f"{repo}::default@{i}", tmp / f"out{i}.img", want, bs, ring)
             assert pid == results[i].point_id
-        assert restore_to(f"{repo}::default@latest", tmp / "last.img", history[-1], bs) == results[-1].point_id
-        assert restore_to(f"{repo}::default@full", tmp / "first.img", history[0], bs) == results[0].point_id
+        assert restore_to(f"{repo}::default@latest", tmp / "last.img", history[-1], bs, ring) == results[-1].point_id
+        assert restore_to(f"{repo}::default@full", tmp / "first.img", history[0], bs, ring) == results[0].point_id
         back = len(history) - 1
-        assert restore_to(f"{repo}::default@-{back}", tmp / "back.img", history[0], bs) == results[0].point_id
+        assert restore_to(f"{repo}::default@-{back}", tmp / "back.img", history[0], bs, ring) == results[0].point_id
         assert_portable(repo)
 
 

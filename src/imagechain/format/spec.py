@@ -156,7 +156,7 @@ class PointHeader:
     encryption: int = ENCRYPTION_NONE
     key_material: bytes = b""
     minor: int = FORMAT_MINOR
-    mac: bytes = b""  # as read (an encrypted header's MAC is keyed: proven when its keys are known)
+    mac: bytes = field(default=b"", compare=False)  # as read: an encrypted header's MAC is keyed, proven with its keys
 
     @property
     def block_count(self) -> int:

@@ -354,6 +354,8 @@ class Bench:
         self.env = dict(os.environ)
         # keep imagechain's block-map cache (used by incrementals, default on) inside the work dir
         self.env["IMAGECHAIN_CACHE"] = str(self.work / "imagechain-map-cache")
+        # the encrypted chain's passphrase (the benchmark's own, never a secret)
+        self.enc_env = {**self.env, "IMAGECHAIN_PASSPHRASE": "imagechain benchmark passphrase"}
 
     # -- running one timed step -----------------------------------------------------------------------
 
@@ -794,6 +796,12 @@ class Bench:
                           stdout=self.logs / "full-imagechain-all.json", grows=repo,
                           compare_to="full/imagechain")  # fmt: skip
         fall.extra = {k: self.ic_json("full/imagechain-all")[k] for k in BACKUP_KEYS}
+        fenc = self.timed("full/imagechain-enc", "full backup (encrypted)", "imagechain",
+                          [self.ic("backup", str(self.img), str(repo), "--chain", "encrypted", "--encrypt",
+                                   "--json", *bs_opt)],
+                          stdout=self.logs / "full-imagechain-enc.json", grows=repo, env=self.enc_env,
+                          compare_to="full/imagechain")  # fmt: skip
+        fenc.extra = {k: self.ic_json("full/imagechain-enc")[k] for k in BACKUP_KEYS}
         peers = not a.skip_peers
         if peers:
             self.peers_full(have, notes)
@@ -818,6 +826,11 @@ class Bench:
                           stdout=self.logs / "incr-imagechain-all.json", grows=repo,
                           compare_to="incr/imagechain")  # fmt: skip
         iall.extra = {k: self.ic_json("incr/imagechain-all")[k] for k in ("kind", *BACKUP_KEYS)}
+        ienc = self.timed("incr/imagechain-enc", "incremental (encrypted)", "imagechain",
+                          [self.ic("backup", str(self.img), str(repo), "--chain", "encrypted", "--json")],
+                          stdout=self.logs / "incr-imagechain-enc.json", grows=repo, env=self.enc_env,
+                          compare_to="incr/imagechain")  # fmt: skip
+        ienc.extra = {k: self.ic_json("incr/imagechain-enc")[k] for k in ("kind", *BACKUP_KEYS)}
         if peers:
             self.peers_incr(have, notes)
 
@@ -1065,6 +1078,15 @@ class Bench:
             checks["delta_restore_over_cold_read"] = {"value": round(r, 3)}
             lines.append(f"info:  {'delta restore / cold read':<42} = {delta.wall_s:.2f} / {read.wall_s:.2f} s = "
                          f"{r:.2f} (wrote {human(delta.extra.get('written_bytes', 0))})")  # fmt: skip
+        for a, b in (("full/imagechain", "full/imagechain-enc"), ("incr/imagechain", "incr/imagechain-enc")):
+            if by.get(a) and by.get(b):
+                x, y = by[a], by[b]
+                r = y.wall_s / x.wall_s
+                checks[f"{a.split('/')[0]}_encrypted_over_plain"] = {"value": round(r, 3), "target": 1.05,
+                                                                      "pass": r <= 1.05}  # fmt: skip
+                lines.append(f"check: {x.step} encrypted / plain = {y.wall_s:.2f} / {x.wall_s:.2f} s = {r:.2f}   "
+                             f"(target <= 1.05: {'PASS' if r <= 1.05 else 'FAIL'}); stored "
+                             f"{human(y.stored_bytes or 0)} / {human(x.stored_bytes or 0)}")  # fmt: skip
         for a, b in (("full/imagechain", "full/imagechain-all"), ("incr/imagechain", "incr/imagechain-all")):
             if st[a] and st[b]:
                 x, y = st[a], st[b]

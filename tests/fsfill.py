@@ -117,20 +117,23 @@ def tree(mnt: Path) -> dict[str, str]:
     return out
 
 
-def _content(rng: random.Random, size: int) -> bytes:
+def content(rng: random.Random, size: int) -> bytes:
+    """Random (incompressible) or text-like (compressible) bytes."""
     if rng.random() < 0.5:
         return rng.randbytes(size)
-    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(40)]
+    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(50)]
     return b" ".join(rng.choices(words, k=size // 4 + 1))[:size]
 
 
 def _size(rng: random.Random, big: int) -> int:
+    """Half small files, most of the rest up to 200 KiB (or `big`), a tenth up to `big`."""
     r = rng.random()
+    mid = min(200 << 10, big)
     if r < 0.5:
-        return rng.randint(0, 6000)
+        return rng.randint(0, min(6000, big))
     if r < 0.9:
-        return rng.randint(6000, 200 << 10)
-    return rng.randint(200 << 10, big)
+        return rng.randint(min(6000, mid), mid)
+    return rng.randint(mid, big)
 
 
 def fill(mnt: Path, rng: random.Random, count: int = 120, big: int = 2 << 20, stale: int = 8 << 20) -> dict[str, str]:
@@ -141,7 +144,7 @@ def fill(mnt: Path, rng: random.Random, count: int = 120, big: int = 2 << 20, st
     dirs = ["", "docs", "docs/old", "data/a", "data/b"]
     for i in range(count):
         rel = f"{rng.choice(dirs)}/f{i:04d}.bin".lstrip("/")
-        data = _content(rng, _size(rng, big))
+        data = content(rng, _size(rng, big))
         (mnt / rel).parent.mkdir(parents=True, exist_ok=True)
         (mnt / rel).write_bytes(data)
         files[rel] = hashlib.sha256(data).hexdigest()
@@ -175,7 +178,7 @@ def change(mnt: Path, rng: random.Random, files: dict[str, str], big: int = 1 <<
         (mnt / rel).unlink()
         del files[rel]
     for i in range(15):
-        data = _content(rng, _size(rng, big))
+        data = content(rng, _size(rng, big))
         rel = f"new/n{i:03d}.bin"
         (mnt / rel).parent.mkdir(parents=True, exist_ok=True)
         (mnt / rel).write_bytes(data)

@@ -22,6 +22,7 @@ from imagechain.engine.restore import restore
 from imagechain.errors import TargetError
 
 from .conftest import loop_device, need_root, need_tool
+from .fsfill import content, sha256_file, tree
 
 pytestmark = pytest.mark.root
 
@@ -47,33 +48,6 @@ def mounted(what: Path | str, mnt: Path, readonly: bool = False) -> Iterator[Pat
         # `-o loop` devices have autoclear set: unmounting detaches them
         if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree(mnt: Path) -> Files:
-    """Every regular file in a mounted filesystem (lost+found aside) with its checksum."""
-    out = {}
-    for p in mnt.rglob("*"):
-        rel = p.relative_to(mnt).as_posix()
-        if p.is_file() and not p.is_symlink() and not rel.startswith("lost+found"):
-            out[rel] = sha256_file(p)
-    return out
-
-
-def content(rng: random.Random, size: int) -> bytes:
-    """Random (incompressible) or text-like (compressible) bytes."""
-    if rng.random() < 0.5:
-        return rng.randbytes(size)
-    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(50)]
-    text = b" ".join(rng.choices(words, k=size // 4 + 1))
-    return text[:size]
 
 
 def file_size(rng: random.Random) -> int:

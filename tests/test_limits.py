@@ -133,19 +133,22 @@ class FakeClock:
 
 
 def test_rate_limiter_is_smooth() -> None:
-    """10 MiB at 1 MiB/s in 1 MiB slices: each slice waits its second, none rushes ahead, and idle time
-    earns at most 50 ms of credit (no burst after a pause)."""
+    """10 MiB at 1 MiB/s in slices: each slice waits its turn, none rushes ahead, and idle time earns at
+    most 50 ms of credit (no burst after a pause)."""
     clock = FakeClock()
     rl = RateLimiter(MiB, clock, clock.wait)
     moved = []
     for off, n in pieces(0, 10 * MiB, rl):
+        assert n <= RateLimiter.SLICE
         rl.take(n)
         moved.append((clock.now, off))
-    assert [round(t - 100.0, 6) for t, _ in moved] == [float(i) for i in range(10)]
+    step = RateLimiter.SLICE / MiB  # seconds per slice at 1 MiB/s
+    assert [round(t - 100.0, 6) for t, _ in moved] == [round(i * step, 6) for i in range(len(moved))]
+    assert len(moved) == 10 * MiB // RateLimiter.SLICE
     clock.now += 60  # a long pause
     rl.take(MiB)
     rl.take(MiB)
-    assert clock.slept[-1] == pytest.approx(1.0 - 0.05)  # the second slice after the pause waits again
+    assert clock.slept[-1] == pytest.approx(1.0 - 0.05)  # the second MiB after the pause waits again
     assert pieces(5, 3 * MiB, None) == [(5, 3 * MiB)]
     assert RateLimiter(0).rate == 0
 

@@ -244,9 +244,9 @@ def test_format_1_0_point_without_directory_lists_verifies_restores_and_is_conti
     v0 = write_volume(vol, 3 * MIB, seed=41)
     orig = ImageWriter.__init__
 
-    def as_1_0(self: ImageWriter, store: Any, base: str, header: spec.PointHeader, split_size: int = 0) -> None:
+    def as_1_0(self: ImageWriter, store: Any, base: str, header: spec.PointHeader, *args: Any, **kw: Any) -> None:
         header.minor = 0
-        orig(self, store, base, header, split_size)
+        orig(self, store, base, header, *args, **kw)
 
     with monkeypatch.context() as m:
         m.setattr(ImageWriter, "__init__", as_1_0)
@@ -278,7 +278,7 @@ def test_format_1_0_point_without_directory_lists_verifies_restores_and_is_conti
     vol.write_bytes(v1)
     r1 = backup(str(vol), str(repo), cache_dir=None)
     assert (r1.kind, r1.parent_id, r1.changed_blocks) == ("incremental", r0.point_id, 3)
-    assert point_of(repo, r1.point_id).header.minor == spec.FORMAT_MINOR == 2
+    assert point_of(repo, r1.point_id).header.minor == spec.FORMAT_MINOR == 3
     rep = verify(Repository.open(str(repo)))
     assert rep.ok and [p.point_id for p in rep.points] == [r0.point_id, r1.point_id], rep.as_dict()
     ok("verify", f"{repo}::{r1.point_id[:8]}")

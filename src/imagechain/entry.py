@@ -12,7 +12,10 @@ from .interrupts import Stopped
 def run() -> None:
     interrupts.install()
     try:
-        from .cli import main
+        # held until the imports are done: a signal raised inside an extension module's import (numpy's)
+        # comes out as an ImportError with a traceback, not as the stop it was
+        with interrupts.deferred():
+            from .cli import main
     except KeyboardInterrupt as e:
         stop = interrupts.as_stopped(e)
         sys.stderr.write(f"imagechain: interrupted ({stop.name}) while starting; nothing was done\n")

@@ -99,6 +99,22 @@ class Area:
         self.used_runs(base + (first + starts) * unit, (ends - starts) * unit)
 
 
+    def heap(self, start: int, unit: int, bits: np.ndarray) -> int:
+        """A filesystem laid out as metadata and then a heap of allocation units (FAT, exFAT): everything
+        before the heap and past its last unit is used, the heap's units as `bits` say. Returns the units
+        in use."""
+        self.used(0, start)
+        self.used_units(start, unit, bits)
+        end = start + len(bits) * unit
+        self.used(end, self.size - end)
+        return int(np.count_nonzero(bits))
+
+
+def unit_text(n: int) -> str:
+    """An allocation unit's size as a description shows it: 512 B, 4 KiB."""
+    return f"{n >> 10} KiB" if n >= 1024 else f"{n} B"
+
+
 Parser = Callable[[Area], str]
 
 

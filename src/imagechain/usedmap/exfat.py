@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import Area, Unusable
+from . import Area, Unusable, unit_text
 
 _EOC = 0xFFFFFFFF
 _BAD = 0xFFFFFFF7
@@ -180,13 +180,8 @@ def cluster_usage(area: Area) -> ExfatUsage:
 def parse(area: Area) -> str:
     u = cluster_usage(area)
     lay = u.layout
-    area.used(0, lay.heap_offset)
-    area.used_units(lay.heap_offset, lay.cluster, u.used)
-    heap_end = lay.heap_offset + lay.clusters * lay.cluster
-    area.used(heap_end, area.size - heap_end)
-    n = int(np.count_nonzero(u.used))
-    size = f"{lay.cluster >> 10} KiB" if lay.cluster >= 1024 else f"{lay.cluster} B"
-    desc = f"exFAT, {size} clusters, {n} of {lay.clusters} in use"
+    n = area.heap(lay.heap_offset, lay.cluster, u.used)
+    desc = f"exFAT, {unit_text(lay.cluster)} clusters, {n} of {lay.clusters} in use"
     if lay.flags & 4:
         desc += ", media failure flagged"
     return desc + (" (dirty)" if u.dirty else "")

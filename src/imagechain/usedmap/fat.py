@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import Area, Unusable
+from . import Area, Unusable, unit_text
 
 _CHUNK_ENTRIES = 1 << 22  # FAT32 entries decoded per read (16 MiB): bounds memory on large volumes
 
@@ -178,13 +178,8 @@ def cluster_usage(area: Area) -> FatUsage:
 def parse(area: Area) -> str:
     u = cluster_usage(area)
     lay = u.layout
-    area.used(0, lay.data_offset)
-    area.used_units(lay.data_offset, lay.cluster, u.used)
-    heap_end = lay.data_offset + lay.clusters * lay.cluster
-    area.used(heap_end, area.size - heap_end)
-    n = int(np.count_nonzero(u.used))
-    size = f"{lay.cluster >> 10} KiB" if lay.cluster >= 1024 else f"{lay.cluster} B"
-    desc = f"FAT{lay.bits}, {size} clusters, {n} of {lay.clusters} in use"
+    n = area.heap(lay.data_offset, lay.cluster, u.used)
+    desc = f"FAT{lay.bits}, {unit_text(lay.cluster)} clusters, {n} of {lay.clusters} in use"
     if u.disagree:
         desc += f", FAT copies differ on {u.disagree} clusters (kept as used)"
     return desc + (" (dirty)" if u.dirty else "")

@@ -267,3 +267,15 @@ def test_mode_errors(tmp_path: Path, repo: Path) -> None:
     (tmp_path / "bad.pub").write_text("not a key\n")
     cli = ic("backup", vol, repo, "--full", "--recipient", tmp_path / "bad.pub")
     assert cli.returncode == 2 and "not an imagechain public key" in cli.stderr
+
+
+def test_recipient_key_store_unwritable_publishes_nothing(tmp_path: Path, repo: Path) -> None:
+    """A machine that could not keep the chain's digest key could never continue the chain: the backup
+    fails before anything is published."""
+    pub = generate_identity(str(tmp_path / "id.key"))
+    vol = tmp_path / "vol.img"
+    volume(vol, 8, size=MiB)
+    (tmp_path / "blocker").write_text("a file where the key store's folder would go")
+    cli = ic("backup", vol, repo, "--recipient", pub, env={"IMAGECHAIN_KEYSTORE": str(tmp_path / "blocker" / "k")})
+    assert cli.returncode == 2 and "key store" in cli.stderr and "Traceback" not in cli.stderr
+    assert not list(repo.rglob("*.icimg"))

@@ -393,6 +393,8 @@ class _Job:
             for w in warnings:
                 self.note(w)
             self.lock.check()  # the lock is still ours: nobody else wrote this chain meanwhile
+            if sealing is not None:  # before publishing: a point this machine could not continue is no use
+                sealing.remember()
             files = writer.finish(stats.state, stats.summary(time.monotonic() - t0, warnings))
         except BaseException:
             read_rate.stop()
@@ -408,8 +410,6 @@ class _Job:
         for name, size in writer.size_limits:
             self.note(f"the filesystem refused to grow {name} past {size} bytes (file too large); "
                       f"the point continues in a new segment")  # fmt: skip
-        if sealing is not None:
-            sealing.remember()
         commit_tip(cachew, self.cache, point_id, stats.state,
                    (parent.point_id, parent.footer.state_digest) if parent else None)  # fmt: skip
         return BackupResult(

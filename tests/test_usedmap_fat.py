@@ -324,13 +324,15 @@ def test_fat_dirty_is_parsed_and_said(variant: str, blank: Callable[[str], Path]
         assert (used == clean_used).all()
 
 
-def test_fat_area_larger_than_volume_is_used(blank: Callable[[str], Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("variant", "parse"), [("fat16", fat.parse), ("exfat", exfat.parse)])
+def test_area_larger_than_volume_is_used(blank: Callable[[str], Path], tmp_path: Path, variant: str,
+                                         parse: Callable[[Area], str]) -> None:  # fmt: skip
     padded = tmp_path / "padded.img"
-    sparse_copy(blank("fat16"), padded)
+    sparse_copy(blank(variant), padded)
     size = os.path.getsize(padded)
     with open(padded, "r+b") as f:
         f.truncate(size + (1 << 20))
-    _, used = run_parse(padded, fat.parse)
+    _, used = run_parse(padded, parse)
     assert used[size // 4096 :].all() and not used.all()
 
 
@@ -405,16 +407,6 @@ def test_exfat_dirty_is_parsed_and_said(blank: Callable[[str], Path], tmp_path: 
     desc, used = run_parse(damaged(blank, tmp_path, "exfat", {106: struct.pack("<H", flags | 2)}), exfat.parse)
     assert desc == clean + " (dirty)"
     assert (used == clean_used).all()
-
-
-def test_exfat_area_larger_than_volume_is_used(blank: Callable[[str], Path], tmp_path: Path) -> None:
-    padded = tmp_path / "padded.img"
-    sparse_copy(blank("exfat"), padded)
-    size = os.path.getsize(padded)
-    with open(padded, "r+b") as f:
-        f.truncate(size + (1 << 20))
-    _, used = run_parse(padded, exfat.parse)
-    assert used[size // 4096 :].all() and not used.all()
 
 
 def test_exfat_texfat_two_bitmaps_union(blank: Callable[[str], Path], tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ only ever save work, never decide that data is not worth keeping."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,9 +27,10 @@ class Usage:
     notices: list[str] = field(default_factory=list)
 
 
-def _filesystem(read: Read, base: int, size: int, umap: UsedMap, what: str, notices: list[str]) -> tuple[str, str]:
-    """Mark the used bytes of one filesystem of [base, base + size); (kind, method). Unknown or unusable
-    filesystems are marked used whole."""
+def _filesystem(read: Read, base: int, size: int, umap: UsedMap, what: str,
+                notices: list[str]) -> tuple[str, str, bool]:  # fmt: skip
+    """Mark the used bytes of one filesystem of [base, base + size); (kind, method, whether a used-block map
+    was made). Unknown, unusable or malformed filesystems are marked used whole."""
     head = read(base, min(size, PROBE_BYTES))
     p = probe(head)
     kind = p.kind if p else ""
@@ -37,13 +39,15 @@ def _filesystem(read: Read, base: int, size: int, umap: UsedMap, what: str, noti
         umap.mark(base, size)
         why = f"no used-block map for {kind}" if kind else "no filesystem recognised"
         notices.append(f"{what}: {why}; every block of it is read")
-        return kind, f"all blocks ({why})"
+        return kind, f"all blocks ({why})", False
     try:
-        return kind, parse(Area(base, size, read, umap))
-    except Unusable as e:
+        return kind, parse(Area(base, size, read, umap)), True
+    except (Unusable, struct.error, ValueError, IndexError, OverflowError) as e:
+        # hostile or damaged structures a parser did not foresee fail like the ones it did: read everything
+        why = str(e) if isinstance(e, Unusable) else f"malformed structures: {e}"
         umap.mark(base, size)
-        notices.append(f"{what}: {kind} used-block map not used ({e}); every block of it is read")
-        return kind, f"all blocks ({kind}: {e})"
+        notices.append(f"{what}: {kind} used-block map not used ({why}); every block of it is read")
+        return kind, f"all blocks ({kind}: {why})", False
 
 
 def volume_usage(read: Read, size: int, block_size: int, all_blocks: bool = False) -> Usage:
@@ -51,7 +55,7 @@ def volume_usage(read: Read, size: int, block_size: int, all_blocks: bool = Fals
     notices: list[str] = []
     try:
         table = read_table(read, size)
-    except TableError as e:
+    except (TableError, struct.error, ValueError, IndexError, OverflowError) as e:  # TableError is a ValueError
         notices.append(f"partition table not used ({e}); every block is read")
         return Usage(None, f"all blocks (partition table: {e})", None, notices)
     if all_blocks:
@@ -59,16 +63,14 @@ def volume_usage(read: Read, size: int, block_size: int, all_blocks: bool = Fals
         return Usage(None, "all blocks (--all-blocks)", layout, notices)
     umap = UsedMap(size, block_size)
     if table is None:
-        _kind, method = _filesystem(read, 0, size, umap, "volume", notices)
-        if method.startswith("all blocks"):
-            return Usage(None, method, None, notices)
-        return Usage(umap.used, method, None, notices)
+        _kind, method, mapped = _filesystem(read, 0, size, umap, "volume", notices)
+        return Usage(umap.used if mapped else None, method, None, notices)
     notices.extend(table.notes)
     layout = to_json(table)
     parts = [p for p in table.partitions if not p.container]
     shown: list[dict[str, object]] = []
     for part in parts:
-        kind, method = _filesystem(read, part.start, part.size, umap, f"partition {part.number}", notices)
+        kind, method, _mapped = _filesystem(read, part.start, part.size, umap, f"partition {part.number}", notices)
         shown.append({"number": part.number, "fs": kind, "used_map": method})
     _mark_outside(umap, [(p.start, p.size) for p in parts], size)  # table, boot code and gaps: raw
     layout["volumes"] = shown

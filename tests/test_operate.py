@@ -170,7 +170,7 @@ def test_a_bad_name_is_refused_before_anything_is_opened(tmp_path: Path) -> None
 # -- mounted volumes are never imaged or overwritten silently (real loop devices and ext4 mounts) ------
 
 
-def test_a_mounted_read_write_source_is_refused_unless_allowed(tmp_path: Path, repo: Path) -> None:
+def test_a_mounted_read_write_source_is_refused_without_a_snapshot_unless_allowed(tmp_path: Path, repo: Path) -> None:
     from .conftest import loop_device
     from .test_mounts import ext4_image, mounted
 
@@ -178,10 +178,10 @@ def test_a_mounted_read_write_source_is_refused_unless_allowed(tmp_path: Path, r
     with loop_device(img) as dev, mounted(dev, tmp_path / "mnt") as umount:
         (tmp_path / "mnt" / "file").write_bytes(os.urandom(100_000))
         for source in (img, dev):  # the image file behind the mounted loop device, and the device itself
-            line = one_line(ic("backup", source, repo), 3)
-            assert "mounted read-write" in line and "--allow-mounted" in line and "snapshot" in line, line
+            line = one_line(ic("backup", source, repo, "--snapshot", "none"), 3)
+            assert "mounted read-write" in line and "--allow-mounted" in line and "--snapshot auto" in line, line
         assert not list(repo.rglob("*.icimg")) if repo.exists() else True
-        r = json.loads(ic("backup", dev, repo, "--allow-mounted", "--json").stdout)
+        r = json.loads(ic("backup", dev, repo, "--snapshot", "none", "--allow-mounted", "--json").stdout)
         assert any("may not be consistent" in n for n in r["notices"]) or r["kind"] == "full"
         info = json.loads(ic("info", f"{repo}::{r['point_id'][:8]}", "--json").stdout)
         assert any("mounted read-write while it was read" in w for w in info["warnings"]), info["warnings"]

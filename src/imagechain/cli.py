@@ -41,7 +41,9 @@ from .keyring import Keyring
 from .limits import Limits
 from .lock import LOCK_DIR, inspect_lock
 from .repository import Repository
-from .sizes import human, parse_size
+from .sizes import human, parse_duration, parse_size
+from .snapshots import MODES, SnapshotOptions
+from .snapshots.apps import APPS
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # pipes: never wrap tables
@@ -212,6 +214,24 @@ def main(debug: bool) -> None:
               "keeps it; needs --full on an existing chain).")
 @click.option("--recipient", metavar="PUBFILE", help="Start an encrypted chain whose payloads only the holder of "
               "the matching identity can open: this machine keeps just the chain's digest key.")
+@click.option("--snapshot", "snapshot_mode", type=click.Choice(MODES), default="auto", show_default=True,
+              help="How a live source is read: auto picks reflink for an image file that can be cloned, lvm for a "
+              "logical volume, fsfreeze for a mounted volume with nothing better, else none.")
+@click.option("--max-freeze", metavar="DURATION", default="60s", show_default=True, help="fsfreeze: the longest "
+              "writers may be blocked; a read that takes longer is abandoned, thawed, nothing published (0: no limit).")
+@click.option("--snapshot-size", metavar="SIZE", help="lvm: size of a classic snapshot (default: 20%% of the "
+              "volume, at least 256M).")
+@click.option("--pre-snapshot", metavar="CMD", help="Shell command run just before the snapshot; if it fails "
+              "nothing is backed up.")
+@click.option("--post-snapshot", metavar="CMD", help="Shell command run once the snapshot is taken (after the "
+              "thaw for fsfreeze), also when it failed.")
+@click.option("--hook-timeout", metavar="DURATION", default="5m", show_default=True, help="Longest a hook or "
+              "database step may take.")
+@click.option("--app", type=click.Choice(APPS), help="Make the snapshot application-consistent for a database: "
+              "postgresql (checkpoint), postgresql-label (pg_backup_start/stop, label kept), mariadb (tables "
+              "flushed and read-locked over the snapshot).")
+@click.option("--app-connect", metavar="CONN", default="", help="How --app connects: a libpq connection string "
+              "(PostgreSQL), or key=value words such as unix_socket=... user=... (MariaDB).")
 @key_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
@@ -219,8 +239,10 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
            compression: str | None, split_size: str | None, host_name: str | None, source_name: str | None,
            init: bool, allow_mounted: bool, source_moved: bool, all_blocks: bool, io_priority: str | None,
            cpu_priority: int | None, threads: int | None, max_read_rate: str | None, max_write_rate: str | None,
-           buffer_memory: str | None, encrypt: bool, recipient: str | None, passphrase_file: str | None,
-           identity: str | None, as_json: bool) -> None:  # fmt: skip
+           buffer_memory: str | None, encrypt: bool, recipient: str | None, snapshot_mode: str, max_freeze: str,
+           snapshot_size: str | None, pre_snapshot: str | None, post_snapshot: str | None, hook_timeout: str,
+           app: str | None, app_connect: str, passphrase_file: str | None, identity: str | None,
+           as_json: bool) -> None:  # fmt: skip
     """Back up SOURCE (image file or block device) into the repository folder REPO."""
     if encrypt and recipient:
         raise UsageError("--encrypt (a passphrase) and --recipient (a public key) are two modes: choose one")
@@ -237,7 +259,11 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
         split_size=_size_option(split_size, check_split_size),
         host=local_host(host_name) if host_name is not None else None, source_name=source_name,
         source_moved=source_moved, allow_mounted=allow_mounted, all_blocks=all_blocks, init=init,
-        limits=limits, encrypt=new, keyring=_keyring(passphrase_file, identity), progress=BarProgress(not as_json),
+        limits=limits, encrypt=new, keyring=_keyring(passphrase_file, identity),
+        snapshot=SnapshotOptions(snapshot_mode, parse_duration(max_freeze),
+                                 parse_size(snapshot_size) if snapshot_size else None, pre_snapshot, post_snapshot,
+                                 parse_duration(hook_timeout), app, app_connect),
+        progress=BarProgress(not as_json),
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(res.as_dict(), indent=1))
@@ -248,6 +274,7 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
         f"read {human(res.read_bytes)} of {human(res.volume_size)} ({res.used_map}), "
         f"changed {human(res.changed_bytes)} ({res.changed_blocks} blocks), "
         f"stored {human(res.file_bytes)} in {len(res.files)} file(s), {res.duration_s:.1f} s, {human(rate)}/s"
+        + (f"; read from {res.snapshot_text}" if res.snapshot.get("provider", "none") != "none" else "")
     )
 
 
@@ -382,6 +409,7 @@ def info(point: str, passphrase_file: str | None, identity: str | None, as_json:
         "compression": str(CodecParams(h.compression, h.compression_level)), "split_size": h.split_size,
         "encryption": _encryption(h),
         "used_map": h.metadata.get("used_map", "all blocks"),
+        "snapshot": _snapshot(h, summary),
         **({"layout": h.metadata["layout"]} if isinstance(h.metadata.get("layout"), dict) else {}),
         "warnings": _warnings(h, summary),
         "summary": summary,
@@ -402,6 +430,8 @@ def info(point: str, passphrase_file: str | None, identity: str | None, as_json:
                 click.echo(line)
         elif k == "summary":
             for sk, sv in v.items():
+                if sk == "snapshot":
+                    continue  # shown above, in words
                 click.echo(f"  {sk:<16} {shown(sk, sv)}")
         else:
             click.echo(f"{k:<20} {shown(k, v)}")
@@ -427,6 +457,27 @@ def _layout_lines(layout: dict[str, Any]) -> list[str]:
                    f"({size} bytes), type {p.get('type')}{name}: {vol.get('fs') or '?'}, "
                    f"{vol.get('used_map', 'all blocks')}")  # fmt: skip
     return out
+
+
+def _snapshot(h: spec.PointHeader, summary: dict[str, Any]) -> str:
+    """How the source was read, in words: provider, writers blocked, database recipe."""
+    rec = summary.get("snapshot")
+    rec = rec if isinstance(rec, dict) else {}
+    provider = str(h.metadata.get("snapshot") or rec.get("provider") or "none (not recorded)")
+    out = [provider]
+    if rec.get("why"):
+        out.append(str(rec["why"]))
+    if "writers_blocked_ms" in rec:
+        out.append(f"writers blocked {rec['writers_blocked_ms']} ms ({', '.join(map(str, rec.get('frozen', [])))})")
+    if rec.get("lvm_snapshot"):
+        out.append(f"LVM snapshot {rec['lvm_snapshot']}")
+    app = rec.get("app")
+    if isinstance(app, dict):
+        facts = ", ".join(f"{k} {v}" for k, v in app.items() if k in ("checkpoint_lsn", "start_lsn", "stop_lsn",
+                                                                       "binlog_file", "binlog_position"))  # fmt: skip
+        label = "; backup label kept (info --json: summary.snapshot.app)" if app.get("backup_label") else ""
+        out.append(f"{app.get('app')}{': ' + facts if facts else ''}{label}")
+    return "; ".join(out)
 
 
 def _warnings(h: spec.PointHeader, summary: dict[str, object]) -> list[str]:

@@ -73,5 +73,12 @@ class CredentialsError(ImagechainError):
     exit_code = 11
 
 
+class SnapshotError(ImagechainError):
+    """A snapshot could not be taken or did not hold (freeze refused or too long, clone or LVM failure,
+    a failing pre-snapshot hook or database step); nothing was published and everything was thawed."""
+
+    exit_code = 12
+
+
 # Stop signals are not errors: interrupts.Stopped exits with 128 + the signal number (130 SIGINT,
 # 143 SIGTERM, 129 SIGHUP) after saying what the stop left behind.

@@ -26,3 +26,14 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_SECONDS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "500ms", "2m", "1.5h"."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h)?\s*", text.lower())
+    if not m:
+        raise UsageError(f"not a duration: {text!r} (examples: 30s, 500ms, 2m)")
+    return float(m.group(1)) * _SECONDS[m.group(2) or ""]

@@ -57,11 +57,12 @@ import re
 import stat
 import struct
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import blake3
 
-from .errors import SourceError, UsageError
+from .errors import SnapshotError, SourceError, UsageError
 from .fsprobe import PROBE_BYTES, Probe, probe
 
 BLKGETSIZE64 = 0x80081272
@@ -158,6 +159,31 @@ class Source:
             return []
         return [f"source {self.path} was modified while being read ({' and '.join(changed)} changed): "
                 f"the point may not be consistent; use a snapshot"]  # fmt: skip
+
+    @contextlib.contextmanager
+    def view(self, fd: int | None) -> Iterator[None]:
+        """Read a snapshot of the volume (`fd`, of the same size) in place of the volume itself. Path,
+        identity and name stay the source's: a snapshot is how a source is read, not which one. With
+        None the source itself is read; what changed in it before now (a freeze flushing the filesystem
+        inside an image file) is no change *while* it is read."""
+        if fd is None:
+            if not self.is_device:
+                st = os.fstat(self.fd)
+                self.mtime_ns, self.ctime_ns = st.st_mtime_ns, st.st_ctime_ns
+            yield
+            return
+        st = os.fstat(fd)
+        is_dev = stat.S_ISBLK(st.st_mode)
+        size = device_size(fd) if is_dev else st.st_size
+        if size != self.size:
+            raise SnapshotError(f"the snapshot of {self.path} is {size} bytes, the source {self.size}: "
+                                f"not a view of it; nothing was published")  # fmt: skip
+        own = self.fd, self.is_device, self.mtime_ns, self.ctime_ns
+        self.fd, self.is_device, self.mtime_ns, self.ctime_ns = fd, is_dev, st.st_mtime_ns, st.st_ctime_ns
+        try:
+            yield
+        finally:
+            self.fd, self.is_device, self.mtime_ns, self.ctime_ns = own
 
     def close(self) -> None:
         os.close(self.fd)

@@ -32,8 +32,8 @@ from ..keyring import Keyring, keys_for_new_point
 from ..limits import Limits, RateLimiter, pieces
 from ..lock import ChainLock
 from ..mapcache import MapFile, MapWriter, cache_path, commit_tip, default_cache_dir, open_cached
-from ..mounts import in_use
 from ..repository import Repository
+from ..snapshots import Capture, Plan, SnapshotOptions, plan_snapshot
 from ..sources import Source, check_name, open_source, same_source
 from ..state import StateHasher
 from ..stores import Store, StoreEntry, temporary_of
@@ -86,6 +86,8 @@ class BackupResult:
     parent_id: str | None = None
     lineage_check_s: float = 0.0  # proving the stored indexes of the lineage built on
     notices: list[str] = field(default_factory=list)
+    snapshot: dict[str, object] = field(default_factory=dict)  # how the source was read (summary "snapshot")
+    snapshot_text: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -158,6 +160,7 @@ def backup(
     limits: Limits | None = None,
     encrypt: Passphrase | X25519PublicKey | None = None,
     keyring: Keyring | None = None,
+    snapshot: SnapshotOptions | None = None,
     progress: Progress | None = None,
 ) -> BackupResult:
     """Make the next point of `chain` for the source: incremental when the chain exists, else full.
@@ -167,7 +170,10 @@ def backup(
     used-block map would skip the unused ones. `limits` says what the backup may take from the machine
     (priorities, rates, threads, buffer memory); `threads` is a shortcut for its thread count. `encrypt`
     starts an encrypted chain (a passphrase, or a recipient's public key); `keyring` opens an encrypted
-    chain's parent (its passphrase, identity, or the local key store of a recipient-mode writer)."""
+    chain's parent (its passphrase, identity, or the local key store of a recipient-mode writer).
+    `snapshot` says how a live source is read (provider, freeze limit, hooks, database recipe); by
+    default the best snapshot that applies, and a source mounted read-write with none is refused unless
+    `allow_mounted`."""
     limits = limits or Limits()
     limits.check()
     threads = threads or limits.threads or default_threads()
@@ -185,16 +191,24 @@ def backup(
     host = host or local_host()
     progress = progress or Silent()
     cache = default_cache_dir() if cache_dir == "" else cache_dir
+    snap = snapshot or SnapshotOptions()
+    snap.check()
     with open_source(source_path, source_name) as src:
-        mounted = check_not_mounted(src, allow_mounted, progress)
+        plan = plan_snapshot(src.path, src.is_device, snap, allow_mounted, writes=(repo_path,), cache=cache)
+        if plan.mounted:
+            progress.notice(f"{plan.mounted}: the point may not be consistent (--allow-mounted)")
+        if plan.keep_cache_off:
+            progress.notice(f"the block-map cache {cache} is on a filesystem that is frozen while the source is "
+                            f"read: not used this time")  # fmt: skip
+            cache = None
         repo = Repository.open(repo_path, create=init)
         what = f"chain {chain!r} of {src.name} on {host.name}"
         lock = ChainLock(repo.store, repo.lock_name(host.host_id, src.source_id, chain), host, what, repo_path,
                          src.lock_record())  # fmt: skip
         with lock:
             job = _Job(src, repo, host, chain, full, parent, block_size, codec, split_size, cache,
-                       threads, progress, lock, source_moved, mounted, all_blocks, limits, encrypt,
-                       keyring or Keyring())  # fmt: skip
+                       threads, progress, lock, source_moved, all_blocks, limits, encrypt,
+                       keyring or Keyring(), plan, snap)  # fmt: skip
             for n in lock.notices:
                 job.note(n)
             return job.run()
@@ -216,11 +230,12 @@ class _Job:
     progress: Progress
     lock: ChainLock
     source_moved: bool = False
-    mounted: str = ""  # --allow-mounted: what was mounted read-write while the source was read
     all_blocks: bool = False
     limits: Limits = field(default_factory=Limits)
     encrypt: Passphrase | X25519PublicKey | None = None
     ring: Keyring = field(default_factory=Keyring)
+    plan: Plan = field(default_factory=lambda: Plan("none", "not mounted read-write"))
+    snap: SnapshotOptions = field(default_factory=SnapshotOptions)
     notices: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:
@@ -348,59 +363,75 @@ class _Job:
             chain_id, sequence = uuid.uuid4(), 0
         if fs == "vfat" and (split == 0 or split > FAT_SPLIT):
             split = FAT_SPLIT
-        usage = self._usage(bs)
         point_id = uuid.uuid4()
-        created = time.time_ns() // 1000
         sealing = keys_for_new_point(self.ring, chain_id, point_id, parent, self.encrypt)
-        header = spec.PointHeader(
-            point_id=point_id, chain_id=chain_id, parent_id=parent.point_id if parent else None,
-            parent_state=parent.footer.state_digest if parent else bytes(32),
-            host_id=host.host_id, source_id=src.source_id, sequence=sequence, block_size=bs,
-            volume_size=src.size, created_us=created,
-            kind=spec.KIND_INCREMENTAL if parent else spec.KIND_FULL,
-            compression=codec.compression, compression_level=codec.level, split_size=split,
-            metadata={
-                "host": host.name, "source": src.name, "source_path": os.path.abspath(src.path),
-                "source_identity": src.identity, "device_identity": src.device_identity, "chain": self.chain,
-                "tool": f"imagechain {__version__}",
-                **({"parent_file": parent.name.rpartition("/")[2]} if parent else {}),
-                **({FOLLOWS: gen[0].header.chain_id.hex} if parent is None and gen else {}),
-                **({"mounted_while_read": self.mounted} if self.mounted else {}),
-                "used_map": usage.method, **({"layout": usage.layout} if usage.layout else {}),
-                **(sealing.metadata if sealing else {}),
-            },
-        )  # fmt: skip
         keys = sealing.keys if sealing else None
-        if sealing is not None:
-            header.encryption, header.digest_algorithm = spec.ENCRYPTION_AES256GCM, spec.DIGEST_BLAKE3_KEYED
-            header.key_material = sealing.key_material
-        base = repo.point_base(chain_dir, created, sequence, parent is None, point_id.hex)
         record = DamageRecord.of(repo.store, lin[0]) if lin else None
         heal, heal_from = record.to_restore(lin) if record else (np.zeros(0, np.int64), [])
         heal = heal[heal < block_count(src.size, bs)]
         lim = self.limits
         read_rate, write_rate = RateLimiter(lim.max_read_rate), RateLimiter(lim.max_write_rate)
-        total = lim.buffer_memory // (2 * CHUNK_BYTES) if lim.buffer_memory else 0  # chunks: data + payloads
-        queued = max(1, min(WRITE_QUEUE, total // 4)) if total else WRITE_QUEUE
-        writer = ImageWriter(repo.store, base, header, split, write_rate if lim.max_write_rate else None,
-                             lim.apply, queued, keys)  # fmt: skip
-        cachew = MapWriter(self.cache, src.size, bs)
-        pipe = _Pipe(self.threads, max(1, total - queued) if total else 0, lim.apply,
-                     read_rate if lim.max_read_rate else None, keys)  # fmt: skip
+        writer: ImageWriter | None = None
+        cachew: MapWriter | None = None
+
+        def abort() -> None:
+            read_rate.stop()
+            write_rate.stop()
+            if writer is not None:
+                writer.abort()
+            if cachew is not None:
+                cachew.abort()
+
         try:
-            stats = _run(src, bs, codec, pmap, writer, cachew, pipe, self.progress, heal, usage.used)
-            warnings = src.check_unchanged()  # a size change is an error: nothing is published
+            # the snapshot is taken as late as possible (the parent's map is loaded) and let go as soon as
+            # the volume is read: a freeze blocks the host's writers all along
+            with Capture(self.plan, self.snap, src.path, self.chain, self.note) as shot, src.view(shot.fd):
+                if shot.fd is None and self.plan.provider == "fsfreeze" and src.is_device:
+                    src.drop_cache(0, src.size)  # the device's own cache may hold what the filesystem rewrote since
+                usage = self._usage(bs)
+                created = time.time_ns() // 1000
+                header = spec.PointHeader(
+                    point_id=point_id, chain_id=chain_id, parent_id=parent.point_id if parent else None,
+                    parent_state=parent.footer.state_digest if parent else bytes(32),
+                    host_id=host.host_id, source_id=src.source_id, sequence=sequence, block_size=bs,
+                    volume_size=src.size, created_us=created,
+                    kind=spec.KIND_INCREMENTAL if parent else spec.KIND_FULL,
+                    compression=codec.compression, compression_level=codec.level, split_size=split,
+                    metadata={
+                        "host": host.name, "source": src.name, "source_path": os.path.abspath(src.path),
+                        "source_identity": src.identity, "device_identity": src.device_identity,
+                        "chain": self.chain, "tool": f"imagechain {__version__}",
+                        **({"parent_file": parent.name.rpartition("/")[2]} if parent else {}),
+                        **({FOLLOWS: gen[0].header.chain_id.hex} if parent is None and gen else {}),
+                        **({"mounted_while_read": self.plan.mounted} if self.plan.mounted else {}),
+                        "snapshot": self.plan.provider,
+                        "used_map": usage.method, **({"layout": usage.layout} if usage.layout else {}),
+                        **(sealing.metadata if sealing else {}),
+                    },
+                )  # fmt: skip
+                if sealing is not None:
+                    header.encryption, header.digest_algorithm = spec.ENCRYPTION_AES256GCM, spec.DIGEST_BLAKE3_KEYED
+                    header.key_material = sealing.key_material
+                base = repo.point_base(chain_dir, created, sequence, parent is None, point_id.hex)
+                total = lim.buffer_memory // (2 * CHUNK_BYTES) if lim.buffer_memory else 0  # chunks: data + payloads
+                queued = max(1, min(WRITE_QUEUE, total // 4)) if total else WRITE_QUEUE
+                writer = ImageWriter(repo.store, base, header, split, write_rate if lim.max_write_rate else None,
+                                     lim.apply, queued, keys)  # fmt: skip
+                cachew = MapWriter(self.cache, src.size, bs)
+                pipe = _Pipe(self.threads, max(1, total - queued) if total else 0, lim.apply,
+                             read_rate if lim.max_read_rate else None, keys, shot.check)  # fmt: skip
+                stats = _run(src, bs, codec, pmap, writer, cachew, pipe, self.progress, heal, usage.used)
+                warnings = src.check_unchanged()  # a size change is an error: nothing is published
+                snapshot = shot.finish()  # the moment held all along the read (else: an error)
             for w in warnings:
                 self.note(w)
             self.lock.check()  # the lock is still ours: nobody else wrote this chain meanwhile
             if sealing is not None:  # before publishing: a point this machine could not continue is no use
                 sealing.remember()
-            files = writer.finish(stats.state, stats.summary(time.monotonic() - t0, warnings))
+            summary = stats.summary(time.monotonic() - t0, [*warnings, *snapshot.get("warnings", [])])
+            files = writer.finish(stats.state, {**summary, "snapshot": snapshot})
         except BaseException:
-            read_rate.stop()
-            write_rate.stop()
-            writer.abort()
-            cachew.abort()
+            abort()
             raise
         if record is not None and len(heal):
             record.add("healed", point_id, heal.tolist())
@@ -419,7 +450,8 @@ class _Job:
             changed_bytes=stats.changed_bytes, stored_bytes=stats.stored_bytes,
             file_bytes=sum(repo.store.size(f) for f in files), duration_s=time.monotonic() - t0,
             state_digest=stats.state.hex(), unused_blocks=stats.unused_blocks, used_map=usage.method,
-            parent_id=str(parent.point_id) if parent else None, notices=self.notices,
+            parent_id=str(parent.point_id) if parent else None, notices=self.notices, snapshot=snapshot,
+            snapshot_text=shot.summary(),
         )  # fmt: skip
 
 
@@ -430,20 +462,6 @@ class _Job:
         for n in usage.notices:
             self.note(n)
         return usage
-
-
-def check_not_mounted(src: Source, allow: bool, progress: Progress) -> str:
-    """A filesystem mounted read-write changes while it is read: its image would be torn yet pass every
-    digest check. Refused unless allowed; then the evidence goes into the point (metadata
-    mounted_while_read) and the output."""
-    evidence = in_use(src.path, writable_only=True)
-    if not evidence:
-        return ""
-    if not allow:
-        raise SourceError(f"source {src.path} is in use: {evidence}; unmount it, mount it read-only or back up a "
-                          f"snapshot of it (--allow-mounted images it anyway, likely inconsistent)")  # fmt: skip
-    progress.notice(f"{evidence}: the point may not be consistent (--allow-mounted)")
-    return evidence
 
 
 def prove_stored(store: Store, lin: list[PointFiles]) -> None:
@@ -568,6 +586,7 @@ class _Pipe:
     init: Callable[[], None] | None = None
     read_rate: RateLimiter | None = None
     keys: PointKeys | None = None  # an encrypted point's: keyed digests, sealed payloads
+    guard: Callable[[], None] | None = None  # raises once the snapshot being read no longer holds
 
 
 def _read(src: Source, bs: int, item: _Item, rate: RateLimiter | None = None) -> tuple[bytearray, int]:
@@ -669,6 +688,8 @@ def _run(
     results = ordered_map(work, feed, min(pipe.threads + 1, depth), depth, pipe.init)
     try:
         for ch in results:
+            if pipe.guard is not None:
+                pipe.guard()
             n = len(ch.kinds)
             state.update(ch.kinds, ch.digests)
             cachew.write(ch.start, ch.kinds, ch.digests)

@@ -85,7 +85,8 @@ class _Postgres:
         import psycopg
 
         try:
-            return self.conn.execute(sql, args).fetchone()
+            cur = self.conn.execute(sql, args)
+            return cur.fetchone() if cur.description else None
         except psycopg.Error as e:
             raise SnapshotError(f"PostgreSQL {what} failed: {_first_line(e)}") from e
 

@@ -1,7 +1,8 @@
 # Everything a newcomer needs, on a fresh Debian machine as root: `make demo`, `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := e2fsprogs dosfstools exfatprogs exfat-fuse fusefat ntfs-3g fuse3 zstd util-linux xfsprogs fdisk gdisk mtools strace
+SYSTEM_PACKAGES := e2fsprogs dosfstools exfatprogs exfat-fuse fusefat ntfs-3g fuse3 zstd util-linux xfsprogs fdisk gdisk mtools strace \
+	postgresql mariadb-server mariadb-client lvm2
 BENCH_PACKAGES := borgbackup restic partclone fio
 
 .PHONY: test check demo bench system-deps clean

@@ -148,14 +148,14 @@ class MariaDB:
                         "--auth-root-authentication-method=socket"],
                        capture_output=True, check=True, timeout=300)  # fmt: skip
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 120, extra: list[str] | None = None) -> None:
         self.sock.parent.mkdir(parents=True, exist_ok=True)
         own(self.sock.parent, "mysql")
         log = self.data.parent / "mariadb.err"
         self.proc = subprocess.Popen(["/usr/sbin/mariadbd", "--no-defaults", "--user=mysql", f"--datadir={self.data}",
                                       f"--socket={self.sock}", "--skip-networking", f"--log-error={log}",
                                       f"--pid-file={self.sock.parent / 'mariadb.pid'}", "--innodb-buffer-pool-size=64M",
-                                      "--innodb-flush-log-at-trx-commit=1"])  # fmt: skip
+                                      "--innodb-flush-log-at-trx-commit=1", *(extra or [])])  # fmt: skip
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:

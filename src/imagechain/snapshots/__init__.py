@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import SnapshotError, SourceError, UsageError
 from ..mounts import MountUse, describe, in_use, mounted_uses, read_write
 from . import apps, lvm, reflink
-from .freeze import FREEZABLE, Freezer, FreezeTarget
+from .freeze import FREEZABLE, Freezer, FreezeTarget, presync
 from .hooks import DEFAULT_TIMEOUT_S, Hooks
 
 __all__ = ["MODES", "Capture", "Plan", "SnapshotOptions", "plan_snapshot"]
@@ -219,6 +219,10 @@ class Capture:
             self._undo.callback(self._abort_app)
         if p.freeze:
             self.record["frozen"] = [t.label for t in p.freeze]
+        t0 = time.monotonic()
+        presync([t.path for t in p.freeze] + ([self.source] if p.provider == "reflink" else []))
+        if p.freeze or p.provider == "reflink":
+            self.record["presync_ms"] = round((time.monotonic() - t0) * 1000, 1)
         if p.provider == "fsfreeze":
             fr = self._held.enter_context(Freezer(p.freeze, opts.max_freeze_s))
             self._freezer, self._check, self._verify = fr, fr.check, fr.still_frozen
@@ -226,7 +230,9 @@ class Capture:
             # the filesystems inside the image are frozen for the clone only: milliseconds
             clip = Freezer(p.freeze, busy_wait_s=CLONE_BUSY_WAIT_S)
             with clip if p.freeze else contextlib.nullcontext():
+                tc = time.monotonic()
                 self.fd = reflink.clone(os.path.realpath(self.source))
+                self.record["clone_ms"] = round((time.monotonic() - tc) * 1000, 1)
             self._held.callback(os.close, self.fd)
             if p.freeze:
                 self.record["writers_blocked_ms"] = round(clip.blocked_s * 1000, 1)

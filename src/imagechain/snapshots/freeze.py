@@ -32,6 +32,33 @@ FREEZABLE = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "n
                        "reiserfs", "bcachefs"})  # fmt: skip
 
 
+def presync(paths: list[str]) -> None:
+    """Write out what is dirty before freezing, while writers still run: the freeze then has little
+    left to flush, and writers wait that much less. Best effort (a freeze flushes anyway)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        syncfs = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).syncfs
+    except (OSError, AttributeError):
+        syncfs = None
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if os.path.isdir(path):
+                if syncfs is not None:
+                    syncfs(fd)
+            else:
+                os.fdatasync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class FreezeTarget:
     path: str  # the mount point to open (through /proc/PID/root for another mount namespace)

@@ -195,8 +195,9 @@ class Capture:
 
     @property
     def lasting(self) -> bool:
-        """The moment holds only while the view is open (a freeze): database and post hook wait for it."""
-        return self.plan.provider == "fsfreeze"
+        """The moment lasts as long as the read (a freeze, or no snapshot at all): the database recipe
+        and the post hook wait for the read to end."""
+        return self.plan.provider in ("fsfreeze", "none")
 
     def __enter__(self) -> Capture:
         try:

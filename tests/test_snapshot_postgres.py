@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def live() -> Iterator[Live]:
             _run("mkfs.ext4", "-q", "-F", volume)
             _run("mount", "-o", "loop", volume, mnt)
             pg.initdb()
+            archive = base / "wal-archive"  # for the point-in-time recovery from a backup label
+            archive.mkdir()
+            shutil.chown(archive, "postgres", "postgres")
+            with open(mnt / "data" / "postgresql.conf", "a") as f:
+                f.write(f"archive_mode = on\narchive_command = 'cp %p {archive}/%f'\n")
             pg.start()
             pg.pgbench_init(scale=8)
             yield Live(base, volume, pg)
@@ -85,7 +91,8 @@ class Outcome:
     why: str
 
 
-def check_restored(live: Live, point: str, repo: Path, name: str) -> Outcome:
+def check_restored(live: Live, point: str, repo: Path, name: str,
+                   prepare: Callable[[Path], None] | None = None) -> Outcome:  # fmt: skip
     """Restore `point` to a new image, start PostgreSQL on it, check it; the image is removed after."""
     img = live.base / f"{name}.img"
     mnt = live.base / f"{name}-mnt"
@@ -105,10 +112,15 @@ def check_restored(live: Live, point: str, repo: Path, name: str) -> Outcome:
         # the copy was taken of a running cluster: its lock file names the live postmaster, which
         # still runs on this machine; a copy started elsewhere would not care
         (mnt / "data" / "postmaster.pid").unlink(missing_ok=True)
+        if prepare is not None:
+            prepare(mnt / "data")
         try:
             pg.start(timeout=180)
         except RuntimeError as e:
             return Outcome(False, f"PostgreSQL did not start: {str(e).splitlines()[-1]}")
+        end = time.monotonic() + 120  # recovery from an archive promotes once consistent: wait for it
+        while pg.psql("SELECT pg_is_in_recovery()") == "t" and time.monotonic() < end:
+            time.sleep(0.2)
         try:
             a, b, t, h = pg.balances()
         except RuntimeError as e:
@@ -184,6 +196,23 @@ def test_a_backup_label_is_kept_with_the_point(live: Live) -> None:
     assert info["summary"]["snapshot"]["app"]["backup_label"] == rec["backup_label"]
     # the backup is over: PostgreSQL accepts a new one at once (pg_backup_stop ran)
     assert live.pg.psql("SELECT pg_is_in_recovery()") == "f"
+
+    def from_label(data: Path) -> None:
+        """docs/SNAPSHOTS.md's recovery from a label: the label into the data directory, WAL from the
+        archive, recovery until consistent, then promote."""
+        (data / "backup_label").write_text(rec["backup_label"])
+        if rec["tablespace_map"]:
+            (data / "tablespace_map").write_text(rec["tablespace_map"])
+        with open(data / "postgresql.conf", "a") as f:
+            f.write(f"restore_command = 'cp {live.base / 'wal-archive'}/%f %p'\narchive_mode = off\n"
+                    "recovery_target = 'immediate'\nrecovery_target_action = 'promote'\n")
+        (data / "recovery.signal").touch()
+        for f in ("backup_label", "tablespace_map", "recovery.signal"):
+            if (data / f).exists():
+                shutil.chown(data / f, "postgres", "postgres")
+
+    out = check_restored(live, str(r["point_id"])[:8], repo, "label", from_label)
+    assert out.ok, out.why
 
 
 def test_a_failing_pre_snapshot_hook_publishes_nothing_and_still_runs_the_post_hook(live: Live) -> None:

@@ -212,8 +212,8 @@ class _Cursor:
     """One point's index entries in block order, handed out window by window (runs split at the edge).
     Holds the frames that reach into the current window and at most one frame beyond it."""
 
-    def __init__(self, reader: PointReader, point: PointFiles) -> None:
-        self._it = reader.iter_index()
+    def __init__(self, reader: PointReader, point: PointFiles, from_block: int = 0) -> None:
+        self._it = reader.iter_index(from_block)
         self._frames: list[np.ndarray] = []
         self._end = 0  # end of the last entry seen: entries must ascend without overlap
         self.point = point
@@ -336,6 +336,17 @@ class MapStream:
     def prove(self) -> None:
         for _ in self.windows():
             pass
+
+    def window_at(self, s: int, e: int) -> BlockMap:
+        """The last point's map of blocks [s, e), read from the index frames that cover them only (random
+        access: a point view of a multi-TiB chain reads what is looked at). Frames are proven against
+        their directory as they are read; the state digest needs the whole map, which this never reads."""
+        e = min(e, self.counts[-1])
+        bm = self._empty(s, e)
+        for i, (r, p) in enumerate(zip(self.readers, self.points, strict=True)):
+            self._apply(bm, i, _Cursor(r, p, s))
+        _check_defined(bm, self.points[-1])
+        return bm
 
     def prove_all(self, skip: set[uuid.UUID] | frozenset[uuid.UUID] = frozenset()) -> dict[uuid.UUID, str]:
         """Prove the map of every point of the lineage not in skip: {point id: problem, '' when proven}.

@@ -1,0 +1,290 @@
+"""A read-only point view: random access to any byte of a point's volume, through its chain.
+
+FUSE mounts, the NBD server and exports are thin adapters over this. Opening a view reads headers and
+footers only; the block map is resolved a window at a time from the index frames that cover what is
+read (the frame directory finds them), and kept in a small LRU. Blocks are fetched (neighbours in one
+read), decrypted, decoded and proven against their digest on worker threads, kept in an LRU of decoded
+blocks, and read ahead when access is sequential. A block that fails its proof is never served: the
+read raises IntegrityError naming the block and file (FUSE and NBD answer EIO for that range only)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import blake3
+import numpy as np
+
+from .blockmap import BlockMap, block_count
+from .chain import Catalog, MapStream
+from .codec import decode
+from .errors import IntegrityError, UsageError
+from .format import spec
+from .format.reader import PointFiles, PointReader
+from .keyring import Keyring
+from .repository import Repository
+
+WINDOW_BLOCKS = 1 << 14  # map windows resolved at a time: 1 GiB of volume at 64 KiB blocks, ~0.8 MiB of map
+MAP_WINDOWS = 16  # windows kept
+CACHE_BYTES = 128 << 20  # decoded blocks kept
+RUN_BLOCKS = 32  # neighbouring blocks fetched and decoded as one job
+READ_AHEAD_MAX = 16 << 20  # bytes read ahead of a sequential reader, at most
+DATA, ZERO, UNUSED = spec.BLOCK_DATA, spec.BLOCK_ZERO, spec.BLOCK_UNUSED
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    length: int
+    kind: int  # spec.BLOCK_DATA, BLOCK_ZERO or BLOCK_UNUSED
+
+
+class _Bad:
+    """A block that failed its proof: what to say when it is read."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class PointView:
+    """Random read access to one point's volume. Thread-safe: FUSE and NBD serve many readers at once."""
+
+    def __init__(self, repo: Repository, point: PointFiles, *, cat: Catalog | None = None,
+                 keyring: Keyring | None = None, threads: int = 4, cache_bytes: int = CACHE_BYTES,
+                 on_error: Callable[[str], None] | None = None) -> None:  # fmt: skip
+        self.repo, self.point = repo, point
+        self.points = (cat or repo.catalog()).lineage(point)
+        (keyring or Keyring()).unlock_all(self.points)
+        h = point.header
+        self.size, self.block_size = h.volume_size, h.block_size
+        self.blocks = block_count(self.size, self.block_size)
+        self.keys = self.points[-1].keys
+        self._maps = MapStream(repo.store, self.points, locations=True)
+        self._readers = [PointReader(repo.store, p) for p in self.points]
+        self._map_lru: OrderedDict[int, BlockMap] = OrderedDict()
+        self._map_locks: dict[int, threading.Lock] = {}
+        self._cache: OrderedDict[int, Future[bytes | _Bad]] = OrderedDict()
+        self._cache_cap = max(64, cache_bytes // self.block_size)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="view")
+        self._next = -1  # where the last read ended: a read starting there is sequential
+        self._ahead = 0  # blocks read ahead of it so far
+        self._zero = bytes(self.block_size)
+        self.on_error = on_error
+        self.errors: list[str] = []
+
+    # -- the map
+
+    def _window(self, w: int) -> BlockMap:
+        with self._lock:
+            bm = self._map_lru.get(w)
+            if bm is not None:
+                self._map_lru.move_to_end(w)
+                return bm
+            lock = self._map_locks.setdefault(w, threading.Lock())
+        with lock:  # one resolution per window, however many readers want it
+            with self._lock:
+                bm = self._map_lru.get(w)
+            if bm is None:
+                bm = self._maps.window_at(w * WINDOW_BLOCKS, (w + 1) * WINDOW_BLOCKS)
+                with self._lock:
+                    self._map_lru[w] = bm
+                    while len(self._map_lru) > MAP_WINDOWS:
+                        self._map_lru.popitem(last=False)
+            return bm
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """What [offset, offset + length) holds, as runs of DATA, ZERO and UNUSED (for NBD block status
+        and sparse exports); the last run may end past the range, at a block edge."""
+        end = min(self.size, offset + length)
+        out: list[Extent] = []
+        b = offset // self.block_size
+        bs = self.block_size
+        while b * bs < end:
+            bm = self._window(b // WINDOW_BLOCKS)
+            last = min(bm.end, -(-end // bs))
+            kinds = bm.kind[b - bm.start : last - bm.start]
+            edges = np.flatnonzero(np.diff(kinds)) + 1
+            for a, z in zip(np.concatenate(([0], edges)).tolist(), np.concatenate((edges, [len(kinds)])).tolist(),
+                            strict=True):  # fmt: skip
+                k = int(kinds[a])
+                start, stop = (b + a) * bs, min(self.size, (b + z) * bs)
+                if out and out[-1].kind == k and out[-1].offset + out[-1].length == start:
+                    out[-1] = Extent(out[-1].offset, stop - out[-1].offset, k)
+                else:
+                    out.append(Extent(start, stop - start, k))
+            b = last
+        return out
+
+    # -- blocks
+
+    def _job(self, bm: BlockMap, blocks: list[int]) -> dict[int, bytes | _Bad]:
+        """Fetch neighbouring DATA blocks of one window in as few reads as their payloads allow, then
+        decrypt, decode and prove each one on its own: one bad block does not take its neighbours."""
+        assert bm.src is not None and bm.offset is not None and bm.length is not None and bm.codec is not None
+        rel = np.array(blocks, np.int64) - bm.start
+        src, off, ln = bm.src[rel], bm.offset[rel].astype(np.int64), bm.length[rel].astype(np.int64)
+        out: dict[int, bytes | _Bad] = {}
+        i = 0
+        while i < len(blocks):
+            j = i + 1
+            while j < len(blocks) and src[j] == src[i] and off[j] == off[j - 1] + ln[j - 1]:
+                j += 1
+            reader = self._readers[int(src[i])]
+            try:
+                data = memoryview(reader.read(int(off[i]), int(off[j - 1] + ln[j - 1] - off[i])))
+            except (IntegrityError, OSError) as e:
+                for k in range(i, j):
+                    out[blocks[k]] = self._bad(blocks[k], f"{reader.segment_at(int(off[k]))}: {e}")
+                i = j
+                continue
+            for k in range(i, j):
+                b = blocks[k]
+                payload = data[int(off[k] - off[i]) : int(off[k] - off[i] + ln[k])]
+                out[b] = self._prove(bm, b, reader, payload)
+            i = j
+        return out
+
+    def _prove(self, bm: BlockMap, b: int, reader: PointReader, payload: memoryview) -> bytes | _Bad:
+        assert bm.codec is not None and bm.offset is not None
+        r = b - bm.start
+        where = reader.segment_at(int(bm.offset[r]))
+        codec = int(bm.codec[r])
+        try:
+            raw_payload: bytes | memoryview = payload
+            if reader.header.encrypted:
+                raw_payload = reader.keys().open_payload(b, codec, payload)
+            raw = decode(codec, bytes(raw_payload), bm.raw_length(b))
+        except IntegrityError as e:
+            return self._bad(b, f"{where}: block {b} is corrupt ({e})")
+        digest = blake3.blake3(raw).digest() if self.keys is None else self.keys.digest(raw)
+        if digest != bm.digest[r].tobytes():
+            return self._bad(b, f"{where}: block {b} is corrupt (digest mismatch)")
+        return raw
+
+    def _bad(self, block: int, message: str) -> _Bad:
+        self.errors.append(message)
+        if self.on_error is not None:
+            self.on_error(message)
+        return _Bad(message)
+
+    def _schedule(self, first: int, last: int) -> list[Future[bytes | _Bad]]:
+        """Futures of blocks [first, last): cached ones as they are, the others submitted in runs."""
+        futs: list[Future[bytes | _Bad] | None] = []
+        missing: list[int] = []
+        with self._lock:
+            for b in range(first, last):
+                cached = self._cache.get(b)
+                if cached is not None:
+                    self._cache.move_to_end(b)
+                else:
+                    missing.append(b)
+                futs.append(cached)
+        new: dict[int, Future[bytes | _Bad]] = {}
+        for w_first, w_blocks in _by_window(missing):
+            bm = self._window(w_first // WINDOW_BLOCKS)
+            kinds = bm.kind[np.array(w_blocks, np.int64) - bm.start]
+            data = [b for b, k in zip(w_blocks, kinds.tolist(), strict=True) if k == DATA]
+            for b, k in zip(w_blocks, kinds.tolist(), strict=True):
+                if k != DATA:
+                    done: Future[bytes | _Bad] = Future()
+                    done.set_result(self._zero if bm.raw_length(b) == self.block_size else bytes(bm.raw_length(b)))
+                    new[b] = done
+            for run in _runs(data, RUN_BLOCKS):
+                job = self._pool.submit(self._job, bm, run)
+                for b in run:
+                    new[b] = _pick(job, b)
+        with self._lock:
+            for b, f in new.items():
+                self._cache.setdefault(b, f)
+            while len(self._cache) > self._cache_cap:
+                self._cache.popitem(last=False)
+        return [f if f is not None else new[first + i] for i, f in enumerate(futs)]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of the volume (shorter at its end); IntegrityError when a block
+        in the range failed its proof."""
+        if offset < 0 or length < 0:
+            raise UsageError("negative offset or length")
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, -(-end // bs)
+        futs = self._schedule(first, last)
+        self._read_ahead(first, last)
+        parts = []
+        for i, f in enumerate(futs):
+            got = f.result()
+            if isinstance(got, _Bad):
+                raise IntegrityError(got.message)
+            b = first + i
+            lo = offset - b * bs if b == first else 0
+            hi = end - b * bs if b == last - 1 else len(got)
+            parts.append(got[lo:hi] if (lo, hi) != (0, len(got)) else got)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_ahead(self, first: int, last: int) -> None:
+        """A reader that starts where the last read ended is sequential: keep blocks coming ahead of it,
+        doubling the distance up to READ_AHEAD_MAX."""
+        with self._lock:
+            sequential = first == self._next
+            self._next = last
+            if not sequential:
+                self._ahead = 0
+                return
+            want = min(max(2 * self._ahead, 2 * (last - first), 4), READ_AHEAD_MAX // self.block_size)
+            self._ahead = want
+        stop = min(self.blocks, last + want)
+        if last < stop:
+            self._schedule(last, stop)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._maps.close()
+        for r in self._readers:
+            r.close()
+
+    def __enter__(self) -> PointView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _by_window(blocks: list[int]) -> list[tuple[int, list[int]]]:
+    out: list[tuple[int, list[int]]] = []
+    for b in blocks:
+        if out and out[-1][0] // WINDOW_BLOCKS == b // WINDOW_BLOCKS:
+            out[-1][1].append(b)
+        else:
+            out.append((b, [b]))
+    return out
+
+
+def _runs(blocks: list[int], most: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for b in blocks:
+        if out and out[-1][-1] == b - 1 and len(out[-1]) < most:
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
+
+
+def _pick(job: Future[dict[int, bytes | _Bad]], block: int) -> Future[bytes | _Bad]:
+    """A future of one block of a run's job."""
+    out: Future[bytes | _Bad] = Future()
+
+    def done(j: Future[dict[int, bytes | _Bad]]) -> None:
+        exc = j.exception()
+        if exc is not None:
+            out.set_result(_Bad(f"block {block}: {exc}"))
+        else:
+            out.set_result(j.result()[block])
+
+    job.add_done_callback(done)
+    return out

@@ -636,3 +636,15 @@ def break_lock(repo: str, lock_ids: tuple[str, ...], force: bool) -> None:
             raise ImagechainError(f"lock {lid} is live ({st.why}); not removed (use --force if you are sure)")
         r.store.delete(name)
         click.echo(f"removed lock {lid} ({st.why})")
+
+
+def _register_commands() -> None:
+    """Commands that live with their packages (mount, nbd), imported here so `imagechain --help` lists them."""
+    from .mount.commands import register as mount_commands
+    from .nbd.commands import register as nbd_commands
+
+    mount_commands(main)
+    nbd_commands(main)
+
+
+_register_commands()

@@ -80,5 +80,12 @@ class SnapshotError(ImagechainError):
     exit_code = 12
 
 
+class MountError(ImagechainError):
+    """A mount, unmount or NBD export could not be set up or taken down (busy, FUSE missing, a port
+    in use); what was set up is taken down again."""
+
+    exit_code = 13
+
+
 # Stop signals are not errors: interrupts.Stopped exits with 128 + the signal number (130 SIGINT,
 # 143 SIGTERM, 129 SIGHUP) after saying what the stop left behind.

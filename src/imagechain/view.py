@@ -21,7 +21,7 @@ import numpy as np
 from .blockmap import BlockMap, block_count
 from .chain import Catalog, MapStream
 from .codec import decode
-from .errors import IntegrityError, UsageError
+from .errors import ImagechainError, IntegrityError, RepositoryError, UsageError
 from .format import spec
 from .format.reader import PointFiles, PointReader
 from .keyring import Keyring
@@ -30,7 +30,9 @@ from .repository import Repository
 WINDOW_BLOCKS = 1 << 14  # map windows resolved at a time: 1 GiB of volume at 64 KiB blocks, ~0.8 MiB of map
 MAP_WINDOWS = 16  # windows kept
 CACHE_BYTES = 128 << 20  # decoded blocks kept
-RUN_BLOCKS = 32  # neighbouring blocks fetched and decoded as one job
+RUN_BLOCKS = 8  # neighbouring blocks fetched and decoded as one job (a large read becomes several, in parallel)
+STREAMS = 16  # sequential readers followed at once (NBD clients open several connections)
+ERRORS_KEPT = 100
 READ_AHEAD_MAX = 16 << 20  # bytes read ahead of a sequential reader, at most
 DATA, ZERO, UNUSED = spec.BLOCK_DATA, spec.BLOCK_ZERO, spec.BLOCK_UNUSED
 
@@ -43,10 +45,11 @@ class Extent:
 
 
 class _Bad:
-    """A block that failed its proof: what to say when it is read."""
+    """A block that could not be served: what to say when it is read. A transient failure (the
+    repository could not be read) is not kept: the next read tries again."""
 
-    def __init__(self, message: str) -> None:
-        self.message = message
+    def __init__(self, message: str, transient: bool = False) -> None:
+        self.message, self.transient = message, transient
 
 
 class PointView:
@@ -70,8 +73,7 @@ class PointView:
         self._cache_cap = max(64, cache_bytes // self.block_size)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="view")
-        self._next = -1  # where the last read ended: a read starting there is sequential
-        self._ahead = 0  # blocks read ahead of it so far
+        self._streams: OrderedDict[int, int] = OrderedDict()  # where a sequential reader's last read ended: ahead
         self._zero = bytes(self.block_size)
         self.on_error = on_error
         self.errors: list[str] = []
@@ -136,9 +138,10 @@ class PointView:
             reader = self._readers[int(src[i])]
             try:
                 data = memoryview(reader.read(int(off[i]), int(off[j - 1] + ln[j - 1] - off[i])))
-            except (IntegrityError, OSError) as e:
+            except (ImagechainError, OSError) as e:
+                transient = not isinstance(e, IntegrityError)  # a disk that went away may come back
                 for k in range(i, j):
-                    out[blocks[k]] = self._bad(blocks[k], f"{reader.segment_at(int(off[k]))}: {e}")
+                    out[blocks[k]] = self._bad(blocks[k], f"block {blocks[k]}: {e}", transient)
                 i = j
                 continue
             for k in range(i, j):
@@ -165,11 +168,13 @@ class PointView:
             return self._bad(b, f"{where}: block {b} is corrupt (digest mismatch)")
         return raw
 
-    def _bad(self, block: int, message: str) -> _Bad:
-        self.errors.append(message)
+    def _bad(self, block: int, message: str, transient: bool = False) -> _Bad:
+        with self._lock:
+            self.errors.append(message)
+            del self.errors[:-ERRORS_KEPT]
         if self.on_error is not None:
             self.on_error(message)
-        return _Bad(message)
+        return _Bad(message, transient)
 
     def _schedule(self, first: int, last: int) -> list[Future[bytes | _Bad]]:
         """Futures of blocks [first, last): cached ones as they are, the others submitted in runs."""
@@ -220,6 +225,13 @@ class PointView:
         for i, f in enumerate(futs):
             got = f.result()
             if isinstance(got, _Bad):
+                if got.transient:
+                    with self._lock:
+                        for b in range(first, last):
+                            cached = self._cache.get(b)
+                            if cached is not None and cached.done() and isinstance(cached.result(), _Bad):
+                                del self._cache[b]
+                    raise RepositoryError(got.message)
                 raise IntegrityError(got.message)
             b = first + i
             lo = offset - b * bs if b == first else 0
@@ -228,16 +240,17 @@ class PointView:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_ahead(self, first: int, last: int) -> None:
-        """A reader that starts where the last read ended is sequential: keep blocks coming ahead of it,
-        doubling the distance up to READ_AHEAD_MAX."""
+        """A read that starts where an earlier one ended continues a sequential stream: keep blocks coming
+        ahead of it, doubling the distance up to READ_AHEAD_MAX. Several streams are followed at once."""
         with self._lock:
-            sequential = first == self._next
-            self._next = last
-            if not sequential:
-                self._ahead = 0
+            ahead = self._streams.pop(first, None)
+            if ahead is None:
+                self._streams[last] = 0
+                while len(self._streams) > STREAMS:
+                    self._streams.popitem(last=False)
                 return
-            want = min(max(2 * self._ahead, 2 * (last - first), 4), READ_AHEAD_MAX // self.block_size)
-            self._ahead = want
+            want = min(max(2 * ahead, 2 * (last - first), 4), READ_AHEAD_MAX // self.block_size)
+            self._streams[last] = want
         stop = min(self.blocks, last + want)
         if last < stop:
             self._schedule(last, stop)
@@ -280,9 +293,12 @@ def _pick(job: Future[dict[int, bytes | _Bad]], block: int) -> Future[bytes | _B
     out: Future[bytes | _Bad] = Future()
 
     def done(j: Future[dict[int, bytes | _Bad]]) -> None:
+        if j.cancelled():  # the view was closed before the job ran
+            out.set_result(_Bad(f"block {block}: the point view was closed", transient=True))
+            return
         exc = j.exception()
         if exc is not None:
-            out.set_result(_Bad(f"block {block}: {exc}"))
+            out.set_result(_Bad(f"block {block}: {exc}", transient=not isinstance(exc, IntegrityError)))
         else:
             out.set_result(j.result()[block])
 

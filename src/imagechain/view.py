@@ -73,7 +73,8 @@ class PointView:
         self._cache_cap = max(64, cache_bytes // self.block_size)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="view")
-        self._streams: OrderedDict[int, int] = OrderedDict()  # where a sequential reader's last read ended: ahead
+        # sequential readers, by where their last read ended: (blocks to keep ahead, scheduled up to)
+        self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self._zero = bytes(self.block_size)
         self.on_error = on_error
         self.errors: list[str] = []
@@ -243,17 +244,18 @@ class PointView:
         """A read that starts where an earlier one ended continues a sequential stream: keep blocks coming
         ahead of it, doubling the distance up to READ_AHEAD_MAX. Several streams are followed at once."""
         with self._lock:
-            ahead = self._streams.pop(first, None)
-            if ahead is None:
-                self._streams[last] = 0
+            ahead, scheduled = self._streams.pop(first, (-1, 0))
+            if ahead < 0:
+                self._streams[last] = (0, last)
                 while len(self._streams) > STREAMS:
                     self._streams.popitem(last=False)
                 return
             want = min(max(2 * ahead, 2 * (last - first), 4), READ_AHEAD_MAX // self.block_size)
-            self._streams[last] = want
-        stop = min(self.blocks, last + want)
-        if last < stop:
-            self._schedule(last, stop)
+            stop = min(self.blocks, last + want)
+            begin = max(last, scheduled)  # what earlier reads of this stream scheduled already is on its way
+            self._streams[last] = (want, max(stop, scheduled))
+        if begin < stop:
+            self._schedule(begin, stop)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

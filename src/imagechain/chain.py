@@ -43,6 +43,14 @@ class Catalog:
     incomplete: dict[uuid.UUID, list[str]] = field(default_factory=dict)  # published files of unfinished points
     notices: list[str] = field(default_factory=list)  # ignored copies, misnamed segments
     by_file: dict[str, uuid.UUID] = field(default_factory=dict)  # every image file -> its point id
+    # consolidation (format 1.4): a point id that a merged point replaced -> the merged point, and the
+    # replaced points whose files are still there (a consolidation stopped before retiring them)
+    stand_ins: dict[uuid.UUID, PointFiles] = field(default_factory=dict)
+    superseded: dict[uuid.UUID, PointFiles] = field(default_factory=dict)
+
+    def resolve(self, point_id: uuid.UUID) -> PointFiles | None:
+        """The point with this id, or the merged point that stands in for it."""
+        return self.points.get(point_id) or self.stand_ins.get(point_id)
 
     def with_salvaged(self) -> Catalog:
         """This catalog with the points damaged only in their header taken as points (restore --salvage):
@@ -56,8 +64,9 @@ class Catalog:
         out: dict[uuid.UUID, list[PointFiles]] = defaultdict(list)
         for p in self.points.values():
             pid = p.header.parent_id
-            if pid is not None and pid in self.points and self.points[pid].header.chain_id == p.header.chain_id:
-                out[pid].append(p)
+            parent = self.resolve(pid) if pid is not None else None
+            if parent is not None and parent.header.chain_id == p.header.chain_id:
+                out[parent.point_id].append(p)
         for kids in out.values():
             kids.sort(key=_order)
         return dict(out)
@@ -111,7 +120,7 @@ class Catalog:
         out = [point]
         seen = {point.point_id}
         while out[-1].header.parent_id is not None:
-            parent = self.points.get(out[-1].header.parent_id)
+            parent = self.resolve(out[-1].header.parent_id)
             if parent is None or parent.point_id in seen or not _links(out[-1], parent):
                 break
             out.append(parent)
@@ -126,7 +135,7 @@ class Catalog:
         ch = top.header
         if ch.parent_id is None:
             return out
-        parent = self.points.get(ch.parent_id)
+        parent = self.resolve(ch.parent_id)
         pname = str(ch.metadata.get("parent_file", "?"))
         if parent is not None:
             if parent.footer.state_digest != ch.parent_state:
@@ -155,10 +164,26 @@ def _order(p: PointFiles) -> tuple[int, int, str]:
     return (p.header.sequence, p.header.created_us, p.point_id.hex)
 
 
+def merged_ids(p: PointFiles) -> set[uuid.UUID]:
+    """The points a merged point replaced (metadata `merged`, format 1.4); empty for any other point."""
+    ids = p.header.metadata.get("merged")
+    out = set()
+    for x in ids if isinstance(ids, list) else []:
+        try:
+            out.add(uuid.UUID(hex=str(x)))
+        except ValueError:
+            continue
+    return out
+
+
 def _links(child: PointFiles, parent: PointFiles) -> bool:
+    """A child links to the point it was made from, or to the merged point that replaced it: the same
+    chain, block size and state, one sequence number on (a merged point keeps its last point's)."""
     ch, ph = child.header, parent.header
-    return (parent.footer.state_digest == ch.parent_state and ph.chain_id == ch.chain_id
-            and ph.sequence + 1 == ch.sequence and ph.block_size == ch.block_size)  # fmt: skip
+    named = ch.parent_id == parent.point_id or (ch.parent_id is not None and ch.parent_id in merged_ids(parent))
+    first = ch.metadata.get("merged_first_sequence", ch.sequence)  # a merged child: its run's first point's
+    return (named and parent.footer.state_digest == ch.parent_state and ph.chain_id == ch.chain_id
+            and ph.sequence + 1 == first and ph.block_size == ch.block_size)  # fmt: skip
 
 
 def newest_generation(gens: list[list[PointFiles]]) -> list[PointFiles]:
@@ -204,7 +229,22 @@ def scan(store: Store, prefix: str = "") -> Catalog:
         else:
             cat.problems.append((names, a.incomplete))
             cat.incomplete[pid] = names
+    _merge_stand_ins(cat)
     return cat
+
+
+def _merge_stand_ins(cat: Catalog) -> None:
+    """Merged points stand in for the points they replaced; replaced points still present (their
+    consolidation was stopped before it retired them) leave the tree, so that the chain shows no fork,
+    and wait in `superseded` for the next consolidation to retire them."""
+    for p in list(cat.points.values()):
+        for old in merged_ids(p):
+            have = cat.stand_ins.get(old)
+            if have is None or len(merged_ids(have)) < len(merged_ids(p)):  # a later merge replaces more
+                cat.stand_ins[old] = p
+    for old in list(cat.stand_ins):
+        if old in cat.points and cat.points[old].point_id != cat.stand_ins[old].point_id:
+            cat.superseded[old] = cat.points.pop(old)
 
 
 # -- block maps, a window at a time ------------------------------------------------------------------
@@ -336,6 +376,18 @@ class MapStream:
     def prove(self) -> None:
         for _ in self.windows():
             pass
+
+    def overlay_windows(self) -> Iterator[BlockMap]:
+        """The points overlaid in order (the newest entry of a block wins), window by window, with no
+        block required to be defined and no state proven: a run of points that does not start at the
+        full point defines only the blocks it changed (consolidation)."""
+        cursors = [_Cursor(r, p) for r, p in zip(self.readers, self.points, strict=True)]
+        n = self.counts[-1]
+        for s in range(0, n, self.window):
+            bm = self._empty(s, min(n, s + self.window))
+            for i, cur in enumerate(cursors):
+                self._apply(bm, i, cur)
+            yield bm
 
     def window_at(self, s: int, e: int) -> BlockMap:
         """The last point's map of blocks [s, e), read from the index frames that cover them only (random

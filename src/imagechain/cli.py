@@ -608,6 +608,28 @@ def change_passphrase_cmd(target: str, passphrase_file: str | None, new_passphra
                f"({r.sealed} key slots sealed, {r.cleared} old ones cleared)")  # fmt: skip
 
 
+@main.command()
+@click.argument("point")
+@click.option("--from", "from_point", metavar="POINT", help="First point of the run to merge (default: the chain's "
+              "full point, which makes the merged point a synthetic full).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def consolidate(point: str, from_point: str | None, as_json: bool) -> None:
+    """Merge the points from the chain's full point (or --from) down to POINT into one; later points go on."""
+    from .engine.consolidate import consolidate as run_consolidate
+
+    res = open_point(point)
+    r = run_consolidate(res.repo, res.point, cat=res.catalog, from_address=from_point)
+    for n in r.notices:
+        click.echo(f"notice: {n}", err=True)
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=1))
+        return
+    click.echo(f"merged {len(r.replaced)} points into {r.kind} point {r.point_id[:8]}: {r.copied_payloads} "
+               f"payloads ({human(r.stored_bytes)}) copied as stored, {len(r.retired_files)} file(s) retired, "
+               f"{r.duration_s:.1f} s")  # fmt: skip
+
+
 @main.command(name="break-lock")
 @click.argument("repo")
 @click.argument("lock_ids", nargs=-1)

@@ -1,0 +1,189 @@
+"""Consolidation: merge a run of points of a lineage into one point, copying stored payloads as they are.
+
+The merged point M stands for the run's last point B: B's state digest and sequence number, the run's
+first point's parent (none when the run starts at the full point: M is then a synthetic full). Its
+metadata `merged` lists the ids it replaced, so children made from B link to M (docs/FORMAT.md, 1.4).
+
+Crash-safe in this order: M is written under temporary names and published (ImageWriter), proven
+(its map adds up to B's state digest through its new lineage, and every payload it holds decodes to
+its digest), and only then are the run's files deleted. Stopped before that, the catalog takes the
+replaced points out of the tree (M stands in for them) and the next consolidation deletes them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .. import interrupts
+from ..address import select
+from ..blockmap import BlockMap, block_count
+from ..chain import Catalog, MapStream, describe, merged_ids
+from ..errors import ImagechainError, UsageError
+from ..format import spec
+from ..format.reader import PointFiles
+from ..format.writer import ImageWriter
+from ..identity import local_host
+from ..lock import ChainLock
+from ..repository import Repository
+from .backup import _merge_runs, recover_leftovers
+from .verify import verify
+
+
+@dataclass
+class ConsolidateResult:
+    point_id: str  # the merged point
+    replaced: list[str]
+    files: list[str]
+    retired_files: list[str]
+    kind: str
+    stored_bytes: int
+    copied_payloads: int
+    duration_s: float
+    notices: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = None,
+                from_address: str | None = None) -> ConsolidateResult:  # fmt: skip
+    """Merge the lineage of `point` from its full point (or from `from_address`) down to `point`."""
+    t0 = time.monotonic()
+    cat = cat or repo.catalog()
+    lin = cat.lineage(point)
+    first = 0
+    if from_address:
+        start = select(cat, from_address, repo.display)
+        ids = [p.point_id for p in lin]
+        if start.point_id not in ids:
+            raise UsageError(f"--from {describe(start)} is not in the lineage of {describe(point)}")
+        first = ids.index(start.point_id)
+    run = lin[first:]
+    if any(p.header.encrypted for p in run):
+        raise UsageError("consolidating an encrypted chain is not supported yet (its payloads are bound to the "
+                         "point they were sealed in)")  # fmt: skip
+    h = point.header
+    chain = str(h.metadata.get("chain", "default"))
+    me = local_host()
+    lock = ChainLock(repo.store, repo.lock_name(h.host_id, h.source_id, chain), me,
+                     f"chain {chain!r} of {h.metadata.get('source')} (consolidation)", repo.display)  # fmt: skip
+    notices: list[str] = []
+    with lock:
+        notices += lock.notices
+        if recover_leftovers(repo.store, cat, point.name.rpartition("/")[0], notices.append):
+            cat = repo.catalog()  # a killed consolidation's merged point may have been published just now
+            lin = cat.lineage(cat.resolve(point.point_id) or point)
+            run = lin[first:] if first < len(lin) else lin[-1:]
+        retired = _retire(repo, cat, notices)
+        if len(run) < 2:
+            if retired:  # a re-run that only finished an interrupted consolidation
+                return ConsolidateResult(str(point.point_id), [], [s.name for s in point.segments], retired,
+                                         "full" if h.parent_id is None else "incremental", 0, 0,
+                                         time.monotonic() - t0, notices)  # fmt: skip
+            raise UsageError(f"{describe(point)}: nothing to merge (the run from {describe(run[0])} is one point)")
+        merged, stored, copied = _write_merged(repo, run, lock)
+        fresh = repo.catalog()
+        m = fresh.points.get(merged.point_id)
+        if m is None:
+            raise ImagechainError(f"the merged point {str(merged.point_id)[:8]} is not readable after publishing")
+        report = verify(repo, m, cat=fresh)  # its lineage's maps and every payload it holds
+        if not report.ok:
+            problems = [q for p in report.points for q in p.problems] + report.incomplete
+            raise ImagechainError(f"the merged point {describe(m)} does not verify ({'; '.join(problems[:2])}); "
+                                  f"the points it was made from are kept")  # fmt: skip
+        retired += _retire(repo, repo.catalog(), notices)
+    return ConsolidateResult(str(merged.point_id), [str(p.point_id) for p in run], [s.name for s in m.segments],
+                             retired, "full" if run[0].header.parent_id is None else "incremental", stored,
+                             copied, time.monotonic() - t0, notices)  # fmt: skip
+
+
+def _retire(repo: Repository, cat: Catalog, notices: list[str]) -> list[str]:
+    """Delete the files of points a whole merged point replaced (the catalog put them in `superseded`)."""
+    gone: list[str] = []
+    for old in cat.superseded.values():
+        with interrupts.deferred():
+            for seg in old.segments:
+                repo.store.delete(seg.name)
+                gone.append(seg.name)
+        into = str(cat.stand_ins[old.point_id].point_id)[:8]
+        notices.append(f"retired {describe(old)}: merged into point {into}")
+    return gone
+
+
+def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock) -> tuple[spec.PointHeader, int, int]:
+    first, last = run[0], run[-1]
+    fh, lh = first.header, last.header
+    point_id = uuid.uuid4()
+    replaced = sorted({p.point_id.hex for p in run} | {i.hex for p in run for i in merged_ids(p)})
+    meta = {k: v for k, v in lh.metadata.items() if k not in ("parent_file", "merged", "merged_first_sequence")}
+    if "parent_file" in fh.metadata:
+        meta["parent_file"] = fh.metadata["parent_file"]
+    meta["merged"] = replaced
+    meta["merged_first_sequence"] = fh.metadata.get("merged_first_sequence", fh.sequence)
+    meta["consolidated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    header = spec.PointHeader(
+        point_id=point_id, chain_id=lh.chain_id, parent_id=fh.parent_id, parent_state=fh.parent_state,
+        host_id=lh.host_id, source_id=lh.source_id, sequence=lh.sequence, block_size=lh.block_size,
+        volume_size=lh.volume_size, created_us=lh.created_us,
+        kind=spec.KIND_FULL if fh.parent_id is None else spec.KIND_INCREMENTAL,
+        compression=lh.compression, compression_level=lh.compression_level, split_size=lh.split_size,
+        metadata=meta,
+    )  # fmt: skip
+    chain_dir = last.name.rpartition("/")[0]
+    base = repo.point_base(chain_dir, lh.created_us, lh.sequence, fh.parent_id is None, point_id.hex)
+    writer = ImageWriter(repo.store, base, header, lh.split_size)
+    stored = copied = 0
+    counts = {"data_blocks": 0, "zero_blocks": 0, "unused_blocks": 0}
+    try:
+        with MapStream(repo.store, run, locations=True) as ms:
+            for bm in ms.overlay_windows():
+                assert bm.src is not None and bm.offset is not None and bm.length is not None
+                assert bm.codec is not None
+                defined = np.flatnonzero(bm.kind != 0)
+                if not len(defined):
+                    continue
+                ent = np.zeros(len(defined), spec.INDEX_ENTRY)
+                ent["block"] = defined + bm.start
+                ent["count"] = 1
+                ent["kind"] = bm.kind[defined]
+                ent["digest"] = bm.digest[defined]
+                data = np.flatnonzero(ent["kind"] == spec.BLOCK_DATA)
+                payloads = _payloads(ms, bm, defined[data])
+                ent["codec"][data] = bm.codec[defined[data]]
+                ent["length"][data] = [len(p) for p in payloads]
+                ent["offset"][data] = writer.append_payloads(payloads)
+                stored += sum(len(p) for p in payloads)
+                copied += len(payloads)
+                for k, name in ((spec.BLOCK_DATA, "data_blocks"), (spec.BLOCK_ZERO, "zero_blocks"),
+                                (spec.BLOCK_UNUSED, "unused_blocks")):  # fmt: skip
+                    counts[name] += int(np.count_nonzero(ent["kind"] == k))
+                writer.add_entries(_merge_runs(ent))
+        lock.check()
+        summary: dict[str, object] = {"blocks": block_count(lh.volume_size, lh.block_size), "stored_blocks": copied,
+                   "stored_bytes": stored, "volume_size": lh.volume_size, "read_bytes": 0,
+                   "changed_blocks": sum(counts.values()), "merged_points": len(run), **counts}  # fmt: skip
+        writer.finish(last.footer.state_digest, summary)
+    except BaseException:
+        writer.abort()
+        raise
+    return header, stored, copied
+
+
+def _payloads(ms: MapStream, bm: BlockMap, blocks: np.ndarray) -> list[bytes]:
+    """The stored payloads of DATA blocks (relative indices of the window), neighbours in one read."""
+    assert bm.src is not None and bm.offset is not None and bm.length is not None
+    src, off, ln = bm.src[blocks], bm.offset[blocks].astype(np.int64), bm.length[blocks].astype(np.int64)
+    out: list[bytes] = []
+    i = 0
+    while i < len(blocks):
+        j = i + 1
+        while (j < len(blocks) and src[j] == src[i] and off[j] == off[j - 1] + ln[j - 1]
+               and off[j] - off[i] < 8 << 20):  # fmt: skip
+            j += 1
+        data = memoryview(ms.readers[int(src[i])].read(int(off[i]), int(off[j - 1] + ln[j - 1] - off[i])))
+        out.extend(bytes(data[int(off[k] - off[i]) : int(off[k] - off[i] + ln[k])]) for k in range(i, j))
+        i = j
+    return out

@@ -1,0 +1,161 @@
+"""Consolidation: a run of points merged into one, payloads copied as stored; every point that was
+restorable before stays restorable (bit for bit), also when the consolidation is killed at any moment,
+and later points and later backups go on from the merged point."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imagechain.address import open_point
+from imagechain.engine.backup import backup
+from imagechain.engine.consolidate import consolidate
+from imagechain.engine.restore import restore
+from imagechain.errors import UsageError
+from imagechain.repository import Repository
+
+from .conftest import exe, write_volume
+
+MiB = 1 << 20
+
+
+def make_chain(tmp_path: Path, repo: Path, n: int, size: int = 8 * MiB, seed: int = 1) -> dict[int, str]:
+    """A chain of n points, each changing the volume; sha256 of the volume at each sequence number."""
+    vol = tmp_path / "vol.img"
+    data = bytearray(write_volume(vol, size, seed=seed))
+    rng = random.Random(seed)
+    states = {}
+    for seq in range(n):
+        if seq:
+            for _ in range(12):
+                at = rng.randrange(size - 70000)
+                data[at : at + 70000] = os.urandom(70000) if rng.random() < 0.7 else bytes(70000)
+            vol.write_bytes(data)
+        r = backup(str(vol), str(repo), cache_dir=None)
+        assert r.sequence == seq
+        states[seq] = hashlib.sha256(data).hexdigest()
+    return states
+
+
+def restorable(tmp_path: Path, repo: Path, states: dict[int, str]) -> set[int]:
+    """Restore every point in the repository; each must equal the volume at its sequence number."""
+    r = Repository.open(str(repo))
+    cat = r.catalog()
+    seen = set()
+    for p in cat.points.values():
+        out = tmp_path / f"restored-{p.point_id.hex[:8]}.img"
+        restore(r, p, str(out), cat=cat)
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == states[p.header.sequence], p.header.sequence
+        out.unlink()
+        seen.add(p.header.sequence)
+    gens = list(cat.generations().values())
+    assert len(gens) == 1 and len(cat.tips(gens[0])) == 1, "a consolidation must never look like a fork"
+    return seen
+
+
+def test_merging_from_the_full_point_makes_a_synthetic_full_and_later_points_go_on(tmp_path: Path, repo: Path) -> None:
+    states = make_chain(tmp_path, repo, 5)
+    res = open_point(f"{repo}::default@2")
+    files_before = {p.name for p in repo.rglob("*.icimg")}
+    r = consolidate(res.repo, res.point, cat=res.catalog)
+    assert r.kind == "full" and len(r.replaced) == 3 and r.copied_payloads > 0
+    assert len(r.retired_files) == 3 and not (set(r.retired_files) & {f.name for f in repo.rglob("*.icimg")})
+    assert len(files_before) - 3 + 1 == len(list(repo.rglob("*.icimg")))
+    assert restorable(tmp_path, repo, states) == {2, 3, 4}
+    # the merged point holds each block once: no bigger than the three it replaced together
+    again = backup(str(tmp_path / "vol.img"), str(repo), cache_dir=None)  # the chain goes on
+    assert again.kind == "incremental" and again.sequence == 5
+    states[5] = states[4]
+    p = subprocess.run([exe(), "verify", str(repo)], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_merging_a_run_inside_the_chain_and_merging_again(tmp_path: Path, repo: Path) -> None:
+    states = make_chain(tmp_path, repo, 6, seed=2)
+    res = open_point(f"{repo}::default@3")
+    r = consolidate(res.repo, res.point, cat=res.catalog, from_address="default@1")
+    assert r.kind == "incremental" and len(r.replaced) == 3
+    assert restorable(tmp_path, repo, states) == {0, 3, 4, 5}
+    res = open_point(f"{repo}::default@latest")
+    r2 = consolidate(res.repo, res.point, cat=res.catalog)  # full + merged + 4 + 5: merged of a merged point
+    assert r2.kind == "full" and len(r2.replaced) == 4
+    assert restorable(tmp_path, repo, states) == {5}
+    with pytest.raises(UsageError, match="nothing to merge"):
+        res = open_point(f"{repo}::default@latest")
+        consolidate(res.repo, res.point, cat=res.catalog)
+
+
+def test_stopped_before_retiring_no_fork_and_a_rerun_finishes(tmp_path: Path, repo: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import imagechain.engine.consolidate as mod
+
+    states = make_chain(tmp_path, repo, 4, seed=3)
+    real = mod._retire
+    monkeypatch.setattr(mod, "_retire", lambda repo, cat, notices: [])
+    res = open_point(f"{repo}::default@2")
+    consolidate(res.repo, res.point, cat=res.catalog)
+    cat = Repository.open(str(repo)).catalog()
+    assert len(cat.superseded) == 3  # the old files are still there, out of the tree
+    assert restorable(tmp_path, repo, states) == {2, 3}
+    monkeypatch.setattr(mod, "_retire", real)
+    res = open_point(f"{repo}::default@2")
+    r = consolidate(res.repo, res.point, cat=res.catalog)  # nothing more to merge: it only finishes the job
+    assert len(r.retired_files) == 3 and any("retired" in n for n in r.notices)
+    assert not Repository.open(str(repo)).catalog().superseded
+
+
+def test_killed_at_any_moment_every_point_stays_restorable(tmp_path: Path) -> None:
+    """kill -9 injected by strace at the Nth write, rename or unlink of a consolidation (writing the
+    merged point, publishing it, retiring the old files): every point that was restorable stays so (the
+    old ones, or the merged point for the last of them), the chain never forks, and the next run finishes."""
+    import shutil
+
+    from .conftest import need_tool
+
+    need_tool("strace")
+    pristine = tmp_path / "pristine"
+    Repository.open(str(pristine), create=True)
+    states = make_chain(tmp_path, pristine, 5, size=24 * MiB, seed=4)
+    moments = [("write,pwrite64", n) for n in (2, 6, 12)] + [("rename,renameat,renameat2", 1)] + \
+        [("unlink,unlinkat", n) for n in (1, 2, 3, 4)]  # fmt: skip
+    outcomes = []
+    for calls, n in moments:
+        repo = tmp_path / "repo"
+        shutil.copytree(pristine, repo)
+        inject = ["strace", "-f", "-o", "/dev/null", "-e", f"trace={calls}", "-e",
+                  f"inject={calls}:signal=KILL:when={n}"]
+        killed = subprocess.run([*inject, exe(), "consolidate", f"{repo}::default@latest"], capture_output=True,
+                                text=True, check=False)  # fmt: skip
+        after = restorable(tmp_path, repo, states)
+        assert after in ({0, 1, 2, 3, 4}, {4}), (calls, n, after)
+        outcomes.append((calls.split(",")[0], n, killed.returncode, sorted(after)))
+        done = subprocess.run([exe(), "consolidate", f"{repo}::default@latest"], capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        assert done.returncode == 0 or "nothing to merge" in done.stderr, (calls, n, done.stderr)
+        assert restorable(tmp_path, repo, states) == {4}
+        assert not list(repo.rglob("*.tmp-*")), (calls, n, list(repo.rglob("*.tmp-*")), done.stderr)
+        assert not Repository.open(str(repo)).catalog().superseded
+        shutil.rmtree(repo)
+    print("killed consolidations (syscall, nth, exit, restorable sequences):", outcomes)
+    assert sum(code == -signal.SIGKILL or code == 137 for _, _, code, _ in outcomes) >= len(moments) - 2
+    assert any(after == [4] for *_, after in outcomes) and any(len(after) == 5 for *_, after in outcomes)
+
+
+def test_an_encrypted_chain_is_refused_with_one_line(tmp_path: Path, repo: Path) -> None:
+    from imagechain.crypto import Passphrase
+    from imagechain.keyring import Keyring
+
+    vol = tmp_path / "v.img"
+    write_volume(vol, 2 * MiB, seed=5)
+    pw = Passphrase(b"correct horse")
+    backup(str(vol), str(repo), encrypt=pw, cache_dir=None)
+    backup(str(vol), str(repo), keyring=Keyring(pw), cache_dir=None)
+    res = open_point(f"{repo}::default")
+    with pytest.raises(UsageError, match="encrypted"):
+        consolidate(res.repo, res.point, cat=res.catalog)

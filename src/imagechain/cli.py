@@ -630,6 +630,48 @@ def consolidate(point: str, from_point: str | None, as_json: bool) -> None:
                f"{r.duration_s:.1f} s")  # fmt: skip
 
 
+@main.command()
+@click.argument("target")
+@click.option("--keep-last", type=int, default=0, help="Keep the newest N points.")
+@click.option("--keep-hourly", type=int, default=0, help="Keep the newest point of each of the last N hours "
+              "with points.")
+@click.option("--keep-daily", type=int, default=0, help="... of each of the last N days with points.")
+@click.option("--keep-weekly", type=int, default=0, help="... of each of the last N ISO weeks with points.")
+@click.option("--keep-monthly", type=int, default=0, help="... of each of the last N months with points.")
+@click.option("--dry-run", is_flag=True, help="Say what would go and how many bytes that frees; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def prune(target: str, keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
+          dry_run: bool, as_json: bool) -> None:  # fmt: skip
+    """Keep the points a retention policy names in every chain of TARGET (a repository, or a chain's address
+    such as REPO::CHAIN); merge the others into the point after them. The tip of every branch stays."""
+    from .engine.prune import Policy
+    from .engine.prune import prune as run_prune
+
+    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
+    policy.check()
+    if "::" in target:
+        res = open_point(target)
+        repo, cat = res.repo, res.catalog
+        gens = [cat.generations()[res.point.header.chain_id]]
+    else:
+        repo = Repository.open(target)
+        cat = repo.catalog()
+        gens = list(cat.generations().values())
+    r = run_prune(repo, gens, policy, cat=cat, dry_run=dry_run)
+    for n in r.notices:
+        click.echo(f"notice: {n}", err=True)
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=1))
+        return
+    for m in r.merges:
+        click.echo(f"{'would merge' if dry_run else 'merged'} {', '.join(describe(p) for p in m.remove)} into "
+                   f"{describe(m.into)} ({human(m.freed_bytes)} freed)")  # fmt: skip
+    click.echo(f"{len(r.merges)} merge(s), {sum(len(m.remove) for m in r.merges)} point(s) "
+               f"{'would go' if dry_run else 'gone'}, {r.kept} kept, {human(r.freed_bytes)} "
+               f"{'would be ' if dry_run else ''}freed")  # fmt: skip
+
+
 @main.command(name="break-lock")
 @click.argument("repo")
 @click.argument("lock_ids", nargs=-1)

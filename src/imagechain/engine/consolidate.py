@@ -130,7 +130,7 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock) -> t
         volume_size=lh.volume_size, created_us=lh.created_us,
         kind=spec.KIND_FULL if fh.parent_id is None else spec.KIND_INCREMENTAL,
         compression=lh.compression, compression_level=lh.compression_level, split_size=lh.split_size,
-        metadata=meta,
+        metadata=meta, minor=spec.MERGED_MINOR,
     )  # fmt: skip
     chain_dir = last.name.rpartition("/")[0]
     base = repo.point_base(chain_dir, lh.created_us, lh.sequence, fh.parent_id is None, point_id.hex)

@@ -15,6 +15,7 @@ from ..errors import IntegrityError
 
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 3  # 1.1: frame directory after the index (section 5.1); 1.2: UNUSED blocks, layout; 1.3: encryption
+MERGED_MINOR = 4  # 1.4: merged points (written by consolidation only)
 
 # --- segment header: the first bytes of every file of a point -----------------------------------
 SEGMENT_MAGIC = b"ICHSEG01"

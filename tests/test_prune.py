@@ -1,0 +1,80 @@
+"""Retention: the policy picks what stays, the rest is merged into the point after it; every kept point
+restores as before, --dry-run changes nothing and says what it would free."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imagechain.engine import backup as backup_mod
+from imagechain.engine.backup import backup
+from imagechain.engine.prune import Policy, keep
+from imagechain.errors import UsageError
+from imagechain.repository import Repository
+
+from .conftest import exe, write_volume
+from .test_consolidate import restorable
+
+MiB = 1 << 20
+HOUR = 3600 * 10**9
+
+
+def chain_over_time(tmp_path: Path, repo: Path, hours: list[int], monkeypatch: pytest.MonkeyPatch) -> dict[int, str]:
+    """One backup at each of the given hours after a fixed start (the clock the backup reads is moved)."""
+    vol = tmp_path / "vol.img"
+    data = bytearray(write_volume(vol, 4 * MiB, seed=11))
+    rng = random.Random(2)
+    start = 1_780_012_800 * 10**9  # 2026-05-29T00:00:00Z
+    states = {}
+    for seq, h in enumerate(hours):
+        if seq:
+            at = rng.randrange(len(data) - 100_000)
+            data[at : at + 100_000] = os.urandom(100_000)
+            vol.write_bytes(data)
+        monkeypatch.setattr(backup_mod.time, "time_ns", lambda h=h: start + h * HOUR)
+        backup(str(vol), str(repo), cache_dir=None)
+        states[seq] = hashlib.sha256(data).hexdigest()
+    monkeypatch.undo()
+    return states
+
+
+def test_the_policy_keeps_the_newest_of_each_period(tmp_path: Path, repo: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    hours = [0, 1, 2, 26, 27, 50, 51, 52]  # three days
+    chain_over_time(tmp_path, repo, hours, monkeypatch)
+    cat = Repository.open(str(repo)).catalog()
+    (pts,) = cat.generations().values()
+    lin = cat.lineage(cat.tips(pts)[0])
+    seqs = {p.point_id.hex: p.header.sequence for p in lin}
+    assert sorted(seqs[i] for i in keep(lin, Policy(last=2))) == [6, 7]
+    assert sorted(seqs[i] for i in keep(lin, Policy(daily=2))) == [4, 7]  # newest of today and of yesterday
+    assert sorted(seqs[i] for i in keep(lin, Policy(hourly=3, daily=3))) == [2, 4, 5, 6, 7]
+    assert sorted(seqs[i] for i in keep(lin, Policy(monthly=1))) == [7]  # the tip is kept anyway
+    with pytest.raises(UsageError):
+        Policy().check()
+
+
+def test_prune_merges_what_goes_and_every_kept_point_restores(tmp_path: Path, repo: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    states = chain_over_time(tmp_path, repo, [0, 1, 2, 26, 27, 50, 51, 52], monkeypatch)
+    files = sorted(p.name for p in repo.rglob("*.icimg"))
+    dry = subprocess.run([exe(), "prune", str(repo), "--keep-daily", "2", "--dry-run", "--json"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    plan = json.loads(dry.stdout)
+    assert plan["dry_run"] and plan["kept"] == 2 and plan["freed_bytes"] > 0
+    assert sorted(p.name for p in repo.rglob("*.icimg")) == files  # nothing changed
+    done = subprocess.run([exe(), "prune", str(repo), "--keep-daily", "2", "--json"], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    r = json.loads(done.stdout)
+    assert len(r["merges"]) == 2 and sum(len(m["remove"]) for m in r["merges"]) == 6
+    assert restorable(tmp_path, repo, states) == {4, 7}
+    # again: nothing more to do
+    again = json.loads(subprocess.run([exe(), "prune", str(repo), "--keep-daily", "2", "--json"],
+                                      capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    assert again["merges"] == []

@@ -672,6 +672,27 @@ def prune(target: str, keep_last: int, keep_hourly: int, keep_daily: int, keep_w
                f"{'would be ' if dry_run else ''}freed")  # fmt: skip
 
 
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--chain", "chains", multiple=True, metavar="NAME", help="Only this chain (repeatable).")
+@click.option("--init", "init", is_flag=True, help="Create DST as a repository if it is not one yet.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def replicate(src: str, dst: str, chains: tuple[str, ...], init: bool, as_json: bool) -> None:
+    """Copy the points DST lacks from SRC, each proven before it appears in DST; resumable, idempotent."""
+    from .engine.replicate import replicate as run_replicate
+
+    r = run_replicate(Repository.open(src), Repository.open(dst, create=init), chains=chains)
+    for n in r.notices:
+        click.echo(f"notice: {n}", err=True)
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=1))
+        return
+    click.echo(f"copied {len(r.copied)} point(s) ({human(r.bytes_copied)}), {r.skipped} already there, "
+               f"{r.duration_s:.1f} s")  # fmt: skip
+
+
 @main.command(name="break-lock")
 @click.argument("repo")
 @click.argument("lock_ids", nargs=-1)

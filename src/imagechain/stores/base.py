@@ -50,6 +50,11 @@ class AtomicWriter(ABC):
     @abstractmethod
     def abort(self) -> None: ...
 
+    def read_back(self, offset: int, length: int) -> bytes | None:
+        """What was written, read back from the store before commit (replication proves its copies so);
+        None where the store cannot (it then vouches for uploads by its own checksums)."""
+        return None
+
 
 class RandomReader(ABC):
     """An open file for ranged reads (a file handle locally, ranged GETs remotely)."""

@@ -140,6 +140,19 @@ class _LocalWriter(AtomicWriter):
     def tell(self) -> int:
         return self._pos
 
+    def read_back(self, offset: int, length: int) -> bytes | None:
+        try:
+            fd = os.open(self._tmp, os.O_RDONLY | _BINARY)
+            try:
+                with contextlib.suppress(OSError):  # what was flushed, from the disk rather than the page cache
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _raise_io(e, self.name)
+            raise
+
     def flush(self) -> None:
         assert self._fd is not None
         try:
@@ -251,12 +264,42 @@ class LocalStore(Store):
         return os.path.exists(self.path(name))
 
     def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Written whole under a temporary name, then hard-linked to `name` (atomic, and refused when the
+        name exists): a writer killed at any moment leaves no half-written file under `name`. Filesystems
+        without hard links (FAT, exFAT) get an exclusive create and a write, which a kill can cut short."""
         p = self.path(name)
         try:
             _make_dirs(os.path.dirname(p))
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
-        except FileExistsError:
-            return False
+        except OSError as e:
+            _raise_io(e, name)
+        tmp = f"{p}{TEMP_MARK}{secrets.token_hex(4)}"
+        try:
+            self._write_new(tmp, data, name)
+            try:
+                os.link(tmp, p)
+            except (FileExistsError, FileNotFoundError):  # taken; or the winner removed our temporary
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                    _raise_io(e, name)
+                return self._create_exclusive_direct(p, data, name)  # no hard links here
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        # ours now: temporaries of the same name are of writers killed before their link, or losing now
+        folder, base = os.path.split(p)
+        with contextlib.suppress(OSError):
+            for other in os.listdir(folder):
+                if other.startswith(base + TEMP_MARK):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(folder, other))
+        _fsync_dir(folder)
+        return True
+
+    @staticmethod
+    def _write_new(path: str, data: bytes, name: str) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
         except OSError as e:
             _raise_io(e, name)
         try:
@@ -266,12 +309,18 @@ class LocalStore(Store):
             os.fsync(fd)
         except OSError as e:
             os.close(fd)
-            try:
-                os.unlink(p)  # no half-written lock left behind
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             _raise_io(e, name)
         os.close(fd)
+
+    def _create_exclusive_direct(self, p: str, data: bytes, name: str) -> bool:
+        try:
+            self._write_new(p, data, name)
+        except (NoSpaceError, RepositoryError) as e:
+            if isinstance(e.__cause__, FileExistsError):
+                return False
+            raise
         _fsync_dir(os.path.dirname(p))
         return True
 

@@ -159,3 +159,19 @@ def test_an_encrypted_chain_is_refused_with_one_line(tmp_path: Path, repo: Path)
     res = open_point(f"{repo}::default")
     with pytest.raises(UsageError, match="encrypted"):
         consolidate(res.repo, res.point, cat=res.catalog)
+
+
+def test_split_points_merge_into_a_split_point(tmp_path: Path, repo: Path) -> None:
+    vol = tmp_path / "vol.img"
+    data = bytearray(os.urandom(6 * MiB))
+    vol.write_bytes(data)
+    states = {0: hashlib.sha256(data).hexdigest()}
+    backup(str(vol), str(repo), split_size=MiB, cache_dir=None)
+    data[MiB : 3 * MiB] = os.urandom(2 * MiB)
+    vol.write_bytes(data)
+    backup(str(vol), str(repo), cache_dir=None)
+    states[1] = hashlib.sha256(data).hexdigest()
+    res = open_point(f"{repo}::default@latest")
+    r = consolidate(res.repo, res.point, cat=res.catalog)
+    assert len(r.files) >= 6 and all(f.endswith(".icimg") for f in r.files)  # segments of at most 1 MiB
+    assert restorable(tmp_path, repo, states) == {1}

@@ -78,3 +78,35 @@ def test_prune_merges_what_goes_and_every_kept_point_restores(tmp_path: Path, re
     again = json.loads(subprocess.run([exe(), "prune", str(repo), "--keep-daily", "2", "--json"],
                                       capture_output=True, text=True, check=True).stdout)  # fmt: skip
     assert again["merges"] == []
+
+
+def test_a_forked_chain_is_pruned_per_branch_and_a_shared_point_stays(tmp_path: Path, repo: Path) -> None:
+    from imagechain.engine.prune import prune
+
+    states = {}
+    vol = tmp_path / "vol.img"
+    data = bytearray(write_volume(vol, 2 * MiB, seed=31))
+    for seq in range(3):
+        data[seq * 4096 : seq * 4096 + 100] = os.urandom(100)
+        vol.write_bytes(data)
+        backup(str(vol), str(repo), cache_dir=None)
+        states[seq] = hashlib.sha256(data).hexdigest()
+    cat = Repository.open(str(repo)).catalog()
+    (pts,) = cat.generations().values()
+    one = next(p for p in pts if p.header.sequence == 1)
+    data[9000:9100] = os.urandom(100)
+    vol.write_bytes(data)
+    backup(str(vol), str(repo), parent=one.point_id.hex, cache_dir=None)  # a second branch from point 1
+    branch_b = hashlib.sha256(data).hexdigest()
+    r = Repository.open(str(repo))
+    cat = r.catalog()
+    (pts,) = cat.generations().values()
+    assert len(cat.tips(pts)) == 2
+    res = prune(r, [pts], Policy(last=1), cat=cat)
+    assert res.merges == [] and any("more than one branch" in n for n in res.notices), res.notices
+    cat = Repository.open(str(repo)).catalog()
+    (pts,) = cat.generations().values()
+    assert len(pts) == 4 and len(cat.tips(pts)) == 2
+    tips = {p.header.sequence for p in cat.tips(pts)}
+    assert tips == {2}  # both branches' tips carry sequence 2
+    assert branch_b != states[2]

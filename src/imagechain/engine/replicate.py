@@ -24,7 +24,9 @@ from ..lock import ChainLock
 from ..repository import Repository
 from ..stores import AtomicWriter
 from .backup import recover_leftovers
-from .verify import verify
+from .pipeline import default_threads
+from .progress import Silent
+from .verify import verify_point
 
 COPY_CHUNK = 8 << 20
 
@@ -68,9 +70,8 @@ def replicate(src: Repository, dst: Repository, *, chains: tuple[str, ...] = (),
             if p.point_id in dcat.points:
                 res.skipped += 1
                 continue
-            if check_source:
-                report = verify(src, p, cat=scat)
-                bad = [q for r in report.points if r.point_id == str(p.point_id) for q in r.problems]
+            if check_source:  # this point alone: its ancestors were checked when they were copied
+                bad = verify_point(src, p, default_threads(), Silent()).problems
                 if bad:
                     raise IntegrityError(f"{describe(p)} does not verify in the source ({bad[0]}); not copied")
             res.bytes_copied += _copy_point(src, dst, p, lock)

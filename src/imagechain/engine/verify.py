@@ -96,7 +96,7 @@ def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | N
     progress.start("verify", max(1, sum(p.footer.index_offset for p in targets)))  # ~ payload bytes
     try:
         for p in targets:
-            rep = _verify_point(repo, p, threads or default_threads(), progress)
+            rep = verify_point(repo, p, threads or default_threads(), progress)
             if maps.get(p.point_id):
                 rep.problems.append(maps[p.point_id])
             rep.ok = not rep.problems
@@ -164,7 +164,7 @@ def _intact(repo: Repository, cat: Catalog, pid: uuid.UUID, threads: int | None)
     except ImagechainError:
         return ""
     maps = _prove_maps(repo, whole, lin)
-    reps = [_verify_point(repo, q, threads or default_threads(), Silent()) for q in lin]
+    reps = [verify_point(repo, q, threads or default_threads(), Silent()) for q in lin]
     if any(maps.get(q.point_id) for q in lin) or any(r.problems for r in reps):
         return ""
     return " (its data is intact: every block digest and its state digest check out; restore it with --salvage)"
@@ -208,7 +208,7 @@ def _unlock(ring: Keyring, targets: list[PointFiles]) -> list[str]:
     return [f"encrypted chain {cid.hex[:8]}: {what}" for cid, what in less.items()]
 
 
-def _verify_point(repo: Repository, p: PointFiles, threads: int, progress: Progress) -> PointReport:
+def verify_point(repo: Repository, p: PointFiles, threads: int, progress: Progress) -> PointReport:
     rep = PointReport(str(p.point_id), p.name, True)
     sealed = p.header.encrypted and (p.keys is None or p.keys.data_key is None)
     with PointReader(repo.store, p) as r:

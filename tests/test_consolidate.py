@@ -43,6 +43,11 @@ def make_chain(tmp_path: Path, repo: Path, n: int, size: int = 8 * MiB, seed: in
     return states
 
 
+def live_files(repo: Path) -> set[str]:
+    """Image files of the repository outside retired/ (relative names)."""
+    return {p.relative_to(repo).as_posix() for p in repo.rglob("*.icimg") if p.relative_to(repo).parts[0] != "retired"}
+
+
 def restorable(tmp_path: Path, repo: Path, states: dict[int, str]) -> set[int]:
     """Restore every point in the repository; each must equal the volume at its sequence number."""
     r = Repository.open(str(repo))
@@ -62,11 +67,12 @@ def restorable(tmp_path: Path, repo: Path, states: dict[int, str]) -> set[int]:
 def test_merging_from_the_full_point_makes_a_synthetic_full_and_later_points_go_on(tmp_path: Path, repo: Path) -> None:
     states = make_chain(tmp_path, repo, 5)
     res = open_point(f"{repo}::default@2")
-    files_before = {p.name for p in repo.rglob("*.icimg")}
+    files_before = live_files(repo)
     r = consolidate(res.repo, res.point, cat=res.catalog)
     assert r.kind == "full" and len(r.replaced) == 3 and r.copied_payloads > 0
-    assert len(r.retired_files) == 3 and not (set(r.retired_files) & {f.name for f in repo.rglob("*.icimg")})
-    assert len(files_before) - 3 + 1 == len(list(repo.rglob("*.icimg")))
+    assert len(r.retired_files) == 3 and not (set(r.retired_files) & live_files(repo))
+    assert len(files_before) - 3 + 1 == len(live_files(repo))
+    assert len(list((repo / "retired").rglob("*.icimg"))) == 3  # kept a while for readers that listed them
     assert restorable(tmp_path, repo, states) == {2, 3, 4}
     # the merged point holds each block once: no bigger than the three it replaced together
     again = backup(str(tmp_path / "vol.img"), str(repo), cache_dir=None)  # the chain goes on
@@ -175,3 +181,25 @@ def test_split_points_merge_into_a_split_point(tmp_path: Path, repo: Path) -> No
     r = consolidate(res.repo, res.point, cat=res.catalog)
     assert len(r.files) >= 6 and all(f.endswith(".icimg") for f in r.files)  # segments of at most 1 MiB
     assert restorable(tmp_path, repo, states) == {1}
+
+
+def test_a_reader_that_listed_the_old_points_still_reads_them_and_retired_files_go_later(
+        tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A restore that resolved its point before a consolidation retired it opens the files afterwards
+    (from retired/); the files go for good once the grace period has passed."""
+    import imagechain.engine.consolidate as mod
+
+    states = make_chain(tmp_path, repo, 3, seed=7)
+    before = open_point(f"{repo}::default@1")  # a reader lists the repository: point 1 and its lineage
+    res = open_point(f"{repo}::default@2")
+    consolidate(res.repo, res.point, cat=res.catalog)
+    assert 1 not in restorable(tmp_path, repo, states)  # merged away for new readers
+    out = tmp_path / "late.img"
+    restore(before.repo, before.point, str(out), cat=before.catalog)  # opens its files only now
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == states[1]
+    monkeypatch.setattr(mod, "RETIRED_GRACE_S", -1)
+    backup(str(tmp_path / "vol.img"), str(repo), cache_dir=None)
+    backup(str(tmp_path / "vol.img"), str(repo), cache_dir=None)
+    res = open_point(f"{repo}::default@latest")
+    consolidate(res.repo, res.point, cat=res.catalog, from_address="default@-1")
+    assert not list((repo / "retired").rglob("*.icimg"))

@@ -18,6 +18,7 @@ from .format.reader import PointFiles, PointReader, SegmentFile, assemble, scan_
 from .state import StateHasher
 from .stores import Store, temporary_of
 
+RETIRED = "retired"  # folder of a repository where consolidation moves the files it replaced (docs/CLI.md)
 WINDOW_BLOCKS = 1 << 16  # 64 Ki blocks (4 GiB of volume at 64 KiB): ~2 MiB of map, ~3 MiB with locations
 FOLLOWS = "follows_chain"  # metadata of a --full point: the chain id of the generation it replaces
 
@@ -200,6 +201,8 @@ def scan(store: Store, prefix: str = "") -> Catalog:
     cat = Catalog()
     groups: dict[uuid.UUID, list[SegmentFile]] = defaultdict(list)
     for entry in store.list(prefix):
+        if entry.name.startswith(RETIRED + "/"):
+            continue  # files of merged-away points, kept a while for readers that had listed them
         if temporary_of(entry.name.rpartition("/")[2]) is not None:
             cat.leftovers.append(entry.name)
             continue

@@ -11,6 +11,7 @@ replaced points out of the tree (M stands in for them) and the next consolidatio
 
 from __future__ import annotations
 
+import calendar
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 from .. import interrupts
 from ..address import select
 from ..blockmap import BlockMap, block_count
-from ..chain import Catalog, MapStream, describe, merged_ids
+from ..chain import RETIRED, Catalog, MapStream, describe, merged_ids
 from ..errors import ImagechainError, UsageError
 from ..format import spec
 from ..format.reader import PointFiles
@@ -30,6 +31,8 @@ from ..lock import ChainLock
 from ..repository import Repository
 from .backup import _merge_runs, recover_leftovers
 from .verify import verify
+
+RETIRED_GRACE_S = 3600  # how long replaced files stay readable for readers that listed them before
 
 
 @dataclass
@@ -101,15 +104,27 @@ def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = No
 
 
 def _retire(repo: Repository, cat: Catalog, notices: list[str]) -> list[str]:
-    """Delete the files of points a whole merged point replaced (the catalog put them in `superseded`)."""
+    """Move the files of points a whole merged point replaced (the catalog put them in `superseded`) into
+    retired/<time>/, where readers that listed them before can still open them; delete what was retired
+    longer than RETIRED_GRACE_S ago."""
     gone: list[str] = []
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     for old in cat.superseded.values():
         with interrupts.deferred():
             for seg in old.segments:
-                repo.store.delete(seg.name)
+                repo.store.rename(seg.name, f"{RETIRED}/{stamp}/{seg.name}")
                 gone.append(seg.name)
         into = str(cat.stand_ins[old.point_id].point_id)[:8]
         notices.append(f"retired {describe(old)}: merged into point {into}")
+    for e in list(repo.store.list(RETIRED + "/")):
+        when = e.name.split("/")[1]
+        try:
+            age = now - calendar.timegm(time.strptime(when, "%Y%m%dT%H%M%SZ"))
+        except ValueError:
+            continue  # not ours: left alone
+        if age > RETIRED_GRACE_S:
+            repo.store.delete(e.name)
     return gone
 
 

@@ -239,8 +239,19 @@ class PointReader:
             with self._lock:
                 h = self._handles.get(i)
                 if h is None:
-                    h = self._handles[i] = self.store.open(self.files.segments[i].name)
+                    h = self._handles[i] = self._open(self.files.segments[i].name)
         return h
+
+    def _open(self, name: str) -> RandomReader:
+        """A segment; if a consolidation retired it since the repository was listed, its retired copy
+        (kept a while under retired/), so that a reader started before never fails for it."""
+        try:
+            return self.store.open(name)
+        except FileNotFoundError:
+            for e in self.store.list("retired/"):
+                if e.name.endswith("/" + name):
+                    return self.store.open(e.name)
+            raise
 
     def segment_at(self, offset: int) -> str:
         """The file that holds a logical offset (for messages that name the damaged file)."""

@@ -165,6 +165,12 @@ def test_an_encrypted_chain_is_refused_with_one_line(tmp_path: Path, repo: Path)
     res = open_point(f"{repo}::default")
     with pytest.raises(UsageError, match="encrypted"):
         consolidate(res.repo, res.point, cat=res.catalog)
+    from imagechain.engine.prune import Policy, prune
+
+    r = Repository.open(str(repo))
+    cat = r.catalog()
+    out = prune(r, list(cat.generations().values()), Policy(last=1), cat=cat)  # skipped, with a notice
+    assert out.merges == [] and any("encrypted" in n for n in out.notices)
 
 
 def test_split_points_merge_into_a_split_point(tmp_path: Path, repo: Path) -> None:

@@ -107,6 +107,11 @@ def plan(repo: Repository, cat: Catalog, generations: list[list[PointFiles]], po
     merges: list[Merge] = []
     kept_total = 0
     for pts in generations:
+        if any(p.header.encrypted for p in pts):
+            notices.append(f"skipped the encrypted chain of {describe(pts[-1])}: encrypted chains cannot be "
+                           f"consolidated yet")  # fmt: skip
+            kept_total += len(pts)
+            continue
         lineages = [cat.lineage(t) for t in cat.tips(pts)]
         kept: set[str] = set()
         for lin in lineages:

@@ -12,6 +12,7 @@ replaced points out of the tree (M stands in for them) and the next consolidatio
 from __future__ import annotations
 
 import calendar
+import contextlib
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 
 from .. import interrupts
 from ..address import select
-from ..blockmap import BlockMap, block_count
+from ..blockmap import block_count
 from ..chain import RETIRED, Catalog, MapStream, describe, merged_ids
 from ..errors import ImagechainError, UsageError
 from ..format import spec
@@ -30,8 +31,10 @@ from ..identity import local_host
 from ..lock import ChainLock
 from ..repository import Repository
 from .backup import _merge_runs, recover_leftovers
+from .restore import PayloadSource
 from .verify import verify
 
+COPY_BLOCKS = 128  # payloads copied per read (8 MiB of volume at 64 KiB blocks)
 RETIRED_GRACE_S = 3600  # how long replaced files stay readable for readers that listed them before
 
 
@@ -153,7 +156,8 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock) -> t
     stored = copied = 0
     counts = {"data_blocks": 0, "zero_blocks": 0, "unused_blocks": 0}
     try:
-        with MapStream(repo.store, run, locations=True) as ms:
+        source = PayloadSource(repo, run)  # `src` in a window indexes `run`, as PayloadSource's readers do
+        with MapStream(repo.store, run, locations=True) as ms, contextlib.closing(source):
             for bm in ms.overlay_windows():
                 assert bm.src is not None and bm.offset is not None and bm.length is not None
                 assert bm.codec is not None
@@ -166,12 +170,14 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock) -> t
                 ent["kind"] = bm.kind[defined]
                 ent["digest"] = bm.digest[defined]
                 data = np.flatnonzero(ent["kind"] == spec.BLOCK_DATA)
-                payloads = _payloads(ms, bm, defined[data])
                 ent["codec"][data] = bm.codec[defined[data]]
-                ent["length"][data] = [len(p) for p in payloads]
-                ent["offset"][data] = writer.append_payloads(payloads)
-                stored += sum(len(p) for p in payloads)
-                copied += len(payloads)
+                for at in range(0, len(data), COPY_BLOCKS):  # memory: one slice of payloads, not a window's
+                    rows = data[at : at + COPY_BLOCKS]
+                    payloads = source.fetch(bm, defined[rows] + bm.start)
+                    ent["length"][rows] = [len(p) for p in payloads]
+                    ent["offset"][rows] = writer.append_payloads(payloads)
+                    stored += sum(len(p) for p in payloads)
+                    copied += len(payloads)
                 for k, name in ((spec.BLOCK_DATA, "data_blocks"), (spec.BLOCK_ZERO, "zero_blocks"),
                                 (spec.BLOCK_UNUSED, "unused_blocks")):  # fmt: skip
                     counts[name] += int(np.count_nonzero(ent["kind"] == k))
@@ -185,20 +191,3 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock) -> t
         writer.abort()
         raise
     return header, stored, copied
-
-
-def _payloads(ms: MapStream, bm: BlockMap, blocks: np.ndarray) -> list[bytes]:
-    """The stored payloads of DATA blocks (relative indices of the window), neighbours in one read."""
-    assert bm.src is not None and bm.offset is not None and bm.length is not None
-    src, off, ln = bm.src[blocks], bm.offset[blocks].astype(np.int64), bm.length[blocks].astype(np.int64)
-    out: list[bytes] = []
-    i = 0
-    while i < len(blocks):
-        j = i + 1
-        while (j < len(blocks) and src[j] == src[i] and off[j] == off[j - 1] + ln[j - 1]
-               and off[j] - off[i] < 8 << 20):  # fmt: skip
-            j += 1
-        data = memoryview(ms.readers[int(src[i])].read(int(off[i]), int(off[j - 1] + ln[j - 1] - off[i])))
-        out.extend(bytes(data[int(off[k] - off[i]) : int(off[k] - off[i] + ln[k])]) for k in range(i, j))
-        i = j
-    return out

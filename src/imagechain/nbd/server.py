@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from ..errors import ImagechainError, MountError, UsageError
@@ -140,6 +140,17 @@ def close_view(view: Closable) -> None:
     view.close()
 
 
+def _bind(s: socket.socket, addr: tuple[Any, ...] | str, where: str) -> None:
+    """Bind and listen, or close the socket and say why in one line."""
+    try:
+        s.bind(addr)
+        s.listen(64)
+    except OSError as e:
+        s.close()
+        why = "address in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise MountError(f"cannot listen on {where}: {why}") from e
+
+
 def _stderr_log(message: str) -> None:
     sys.stderr.write(f"imagechain: {message}\n")
     sys.stderr.flush()
@@ -190,14 +201,8 @@ class NbdServer:
         except socket.gaierror as e:
             raise UsageError(f"cannot listen on {where}: {e.strerror}") from e
         s = socket.socket(family, kind, proto)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for TIME_WAIT
-            s.bind(addr)
-            s.listen(64)
-        except OSError as e:
-            s.close()
-            why = "address in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-            raise MountError(f"cannot listen on {where}: {why}") from e
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for TIME_WAIT
+        _bind(s, addr, where)
         bound = s.getsockname()
         self._listener = s
         self.address = (str(bound[0]), int(bound[1]))
@@ -224,13 +229,7 @@ class NbdServer:
             finally:
                 probe.close()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.bind(path)
-            s.listen(64)
-        except OSError as e:
-            s.close()
-            why = "address in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-            raise MountError(f"cannot listen on {path}: {why}") from e
+        _bind(s, path, path)
         self._listener, self._unix_path = s, path
         self.uri = f"nbd+unix:///{quote(self.name, safe='')}?socket={quote(os.path.abspath(path), safe='/')}"
         return self.uri

@@ -18,6 +18,7 @@ from imagechain.engine.backup import backup
 from imagechain.engine.consolidate import consolidate
 from imagechain.engine.restore import restore
 from imagechain.errors import UsageError
+from imagechain.keyring import Keyring
 from imagechain.repository import Repository
 
 from .conftest import exe, write_volume
@@ -48,14 +49,14 @@ def live_files(repo: Path) -> set[str]:
     return {p.relative_to(repo).as_posix() for p in repo.rglob("*.icimg") if p.relative_to(repo).parts[0] != "retired"}
 
 
-def restorable(tmp_path: Path, repo: Path, states: dict[int, str]) -> set[int]:
+def restorable(tmp_path: Path, repo: Path, states: dict[int, str], ring: Keyring | None = None) -> set[int]:
     """Restore every point in the repository; each must equal the volume at its sequence number."""
     r = Repository.open(str(repo))
     cat = r.catalog()
     seen = set()
     for p in cat.points.values():
         out = tmp_path / f"restored-{p.point_id.hex[:8]}.img"
-        restore(r, p, str(out), cat=cat)
+        restore(r, p, str(out), cat=cat, keyring=ring)
         assert hashlib.sha256(out.read_bytes()).hexdigest() == states[p.header.sequence], p.header.sequence
         out.unlink()
         seen.add(p.header.sequence)
@@ -151,26 +152,6 @@ def test_killed_at_any_moment_every_point_stays_restorable(tmp_path: Path) -> No
     print("killed consolidations (syscall, nth, exit, restorable sequences):", outcomes)
     assert sum(code == -signal.SIGKILL or code == 137 for _, _, code, _ in outcomes) >= len(moments) - 2
     assert any(after == [4] for *_, after in outcomes) and any(len(after) == 5 for *_, after in outcomes)
-
-
-def test_an_encrypted_chain_is_refused_with_one_line(tmp_path: Path, repo: Path) -> None:
-    from imagechain.crypto import Passphrase
-    from imagechain.keyring import Keyring
-
-    vol = tmp_path / "v.img"
-    write_volume(vol, 2 * MiB, seed=5)
-    pw = Passphrase(b"correct horse")
-    backup(str(vol), str(repo), encrypt=pw, cache_dir=None)
-    backup(str(vol), str(repo), keyring=Keyring(pw), cache_dir=None)
-    res = open_point(f"{repo}::default")
-    with pytest.raises(UsageError, match="encrypted"):
-        consolidate(res.repo, res.point, cat=res.catalog)
-    from imagechain.engine.prune import Policy, prune
-
-    r = Repository.open(str(repo))
-    cat = r.catalog()
-    out = prune(r, list(cat.generations().values()), Policy(last=1), cat=cat)  # skipped, with a notice
-    assert out.merges == [] and any("encrypted" in n for n in out.notices)
 
 
 def test_split_points_merge_into_a_split_point(tmp_path: Path, repo: Path) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from imagechain.address import open_point
+from imagechain.crypto import Passphrase
 from imagechain.engine.backup import backup
 from imagechain.engine.consolidate import consolidate
 from imagechain.engine.prune import Policy, prune
 from imagechain.engine.replicate import replicate
 from imagechain.errors import NoSpaceError
+from imagechain.keyring import Keyring
 from imagechain.repository import Repository
 
 from .conftest import need_root, need_tool, write_volume
@@ -26,13 +28,15 @@ from .test_consolidate import restorable
 MiB = 1 << 20
 
 
-def _check(tmp_path: Path, repo: Path, states: dict[int, str]) -> set[int]:
-    return restorable(tmp_path, repo, states) if Repository.open(str(repo)).catalog().points else set()
+def _check(tmp_path: Path, repo: Path, states: dict[int, str], ring: Keyring) -> set[int]:
+    return restorable(tmp_path, repo, states, ring) if Repository.open(str(repo)).catalog().points else set()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_maintenance_sequences_keep_every_point_restorable(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "encrypted"), [(1, False), (2, False), (3, True)])
+def test_random_maintenance_sequences_keep_every_point_restorable(tmp_path: Path, seed: int, encrypted: bool) -> None:
     rng = random.Random(seed)
+    pw = Passphrase(b"random maintenance") if encrypted else None
+    ring = Keyring(pw)
     repo, replica = tmp_path / "repo", tmp_path / "replica"
     Repository.open(str(repo), create=True)
     Repository.open(str(replica), create=True)
@@ -49,7 +53,7 @@ def test_random_maintenance_sequences_keep_every_point_restorable(tmp_path: Path
                 at = rng.randrange(len(data) - 50_000)
                 data[at : at + 50_000] = os.urandom(50_000) if rng.random() < 0.8 else bytes(50_000)
             vol.write_bytes(data)
-            res = backup(str(vol), str(repo), cache_dir=None)
+            res = backup(str(vol), str(repo), cache_dir=None, keyring=ring, encrypt=None if cat.points else pw)
             states[res.sequence] = hashlib.sha256(data).hexdigest()
             op = "backup"
         elif op == "consolidate":
@@ -58,14 +62,14 @@ def test_random_maintenance_sequences_keep_every_point_restorable(tmp_path: Path
             if len(lin) >= 2:
                 a = rng.randrange(0, len(lin) - 1)
                 b = rng.randrange(a + 1, len(lin))
-                consolidate(tip.repo, lin[b], cat=tip.catalog, from_address=lin[a].point_id.hex)
+                consolidate(tip.repo, lin[b], cat=tip.catalog, from_address=lin[a].point_id.hex, keyring=ring)
         elif op == "prune":
-            prune(r, list(cat.generations().values()), Policy(last=rng.randrange(1, 4)), cat=cat)
+            prune(r, list(cat.generations().values()), Policy(last=rng.randrange(1, 4)), cat=cat, keyring=ring)
         else:
             replicate(r, Repository.open(str(replica)))
         ops.append(op)
-        _check(tmp_path, repo, states)
-        _check(tmp_path, replica, states)
+        _check(tmp_path, repo, states, ring)
+        _check(tmp_path, replica, states, ring)
     assert "backup" in ops and len(set(ops)) >= 3, ops
 
 

@@ -6,6 +6,7 @@ encrypted chains with zero and unused blocks."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -37,6 +38,8 @@ class SpecReader:
         self.passphrase = passphrase
         self.segments: dict[uuid.UUID, dict[int, bytes]] = {}
         for f in folder.rglob("*.icimg"):
+            if f.relative_to(folder).parts[0] == "retired":  # replaced points' files, kept a while (section 8)
+                continue
             raw = f.read_bytes()
             magic, _major, _flags, number, pid = struct.unpack_from("<8sHHI16s", raw, 0)
             assert magic == b"ICHSEG01" and blake3.blake3(raw[:56]).digest()[:8] == raw[56:64]
@@ -73,6 +76,12 @@ class SpecReader:
             kh = derive("imagechain 2026 header mac", kd)
             assert blake3.blake3(masked[:-32], key=kh).digest() == header[-32:], "header MAC"
             p.update(kp=kp, kd=kd, ki=derive("imagechain 2026 index", kd + pid.bytes))
+            table = []  # a merged point's inherited data keys (11.1): (sealing point id, its data key)
+            if "key_table" in meta:
+                raw = AESGCM(kp).decrypt(struct.pack("<QI", 0, 4), base64.b64decode(meta["key_table"]),
+                                         b"key table\0" + pid.bytes)  # fmt: skip
+                table = [(raw[i : i + 16], raw[i + 16 : i + 48]) for i in range(0, len(raw), 48)]
+            p["table"] = table
         else:
             assert blake3.blake3(header[:-32]).digest() == header[-32:]
         # frame directory (1.1+), the frames it lists, their entries
@@ -109,10 +118,17 @@ class SpecReader:
             return keys[:32], keys[32:]
         raise AssertionError("no passphrase slot")
 
+    def _parent(self, pid: uuid.UUID) -> dict[str, object]:
+        """The point with that id, else the merged point whose `merged` lists it (section 8)."""
+        if pid in self.points:
+            return self.points[pid]
+        listing = [p for p in self.points.values() if pid.hex in p["meta"].get("merged", [])]  # type: ignore[attr-defined]
+        return max(listing, key=lambda p: len(p["meta"]["merged"]))  # type: ignore[index]
+
     def restore(self, pid: uuid.UUID) -> bytes:
         lineage = [self.points[pid]]
         while lineage[-1]["parent"] is not None:
-            parent = self.points[lineage[-1]["parent"]]  # type: ignore[index]
+            parent = self._parent(lineage[-1]["parent"])  # type: ignore[arg-type]
             assert parent["state"] == lineage[-1]["pstate"]
             lineage.append(parent)
         lineage.reverse()
@@ -121,24 +137,25 @@ class SpecReader:
         n = -(-vsize // bs)
         kind = np.zeros(n, np.uint8)
         digest = np.zeros((n, 32), np.uint8)
-        where: dict[int, tuple[dict[str, object], int, int, int]] = {}
+        where: dict[int, tuple[dict[str, object], int, int, int, int]] = {}
         for p in lineage:
-            for block, count, k, codec, _r0, off, length, _r1, dig in p["entries"]:  # type: ignore[attr-defined]
+            for block, count, k, codec, key, off, length, _r1, dig in p["entries"]:  # type: ignore[attr-defined]
                 for b in range(block, min(block + count, n)):
                     kind[b] = k
                     digest[b] = np.frombuffer(dig, np.uint8)
                     if k == 1:
-                        where[b] = (p, off, length, codec)
+                        where[b] = (p, off, length, codec, key)
         assert kind.all(), "a block no point defines"
         state = blake3.blake3(b"imagechain-state-v1\0" + struct.pack("<QI", vsize, bs) + blake3.blake3(
             kind.tobytes()).digest() + blake3.blake3(digest.tobytes()).digest()).digest()  # fmt: skip
         assert state == top["state"], "state digest"
         out = bytearray(vsize)
-        for b, (p, off, length, codec) in where.items():
+        for b, (p, off, length, codec, key) in where.items():
             payload = p["stream"][off : off + length]  # type: ignore[index]
             if p["enc"] == 1:
-                aad = b"payload\0" + p["pid"].bytes + struct.pack("<QB", b, codec)  # type: ignore[attr-defined]
-                payload = AESGCM(p["kp"]).decrypt(struct.pack("<QI", b, 0), payload, aad)  # type: ignore[arg-type]
+                sealer, kp = (p["pid"].bytes, p["kp"]) if key == 0 else p["table"][key - 1]  # type: ignore[attr-defined,index]
+                aad = b"payload\0" + sealer + struct.pack("<QB", b, codec)
+                payload = AESGCM(kp).decrypt(struct.pack("<QI", b, 0), payload, aad)
             raw_len = min(bs, vsize - b * bs)
             if codec == 0:
                 raw = payload
@@ -188,6 +205,16 @@ def test_a_reader_from_the_spec_restores_every_point(tmp_path: Path, repo: Path,
         for b in np.flatnonzero(~used).tolist():
             want[b * 65536 : (b + 1) * 65536] = bytes(65536)
         states.append((uuid.UUID(r.point_id), bytes(want)))
+    # a merged point (1.4): points 0 and 1 replaced by one synthetic full; point 2 links to it
+    from imagechain.address import open_point
+    from imagechain.engine.consolidate import consolidate
+
+    res = open_point(f"{repo}::default@1")
+    merged = consolidate(res.repo, res.point, cat=res.catalog, keyring=ring)
+    assert merged.copied_payloads > 0
+    states = [(uuid.UUID(merged.point_id), states[1][1]), states[2]]
     reader = SpecReader(repo, b"spec reader" if encrypted else None)
+    assert set(reader.points) == {pid for pid, _ in states}
+    assert ("key_table" in reader.points[states[0][0]]["meta"]) == encrypted  # type: ignore[operator]
     for pid, want in states:
         assert reader.restore(pid) == want

@@ -21,11 +21,16 @@ class BlockMap:
     offset: np.ndarray | None = None  # u8[n]: logical offset of the payload in that point
     length: np.ndarray | None = None  # u4[n]
     codec: np.ndarray | None = None  # u1[n]
+    key: np.ndarray | None = None  # u2[n]: which data key of that point sealed the payload (0: its own)
     start: int = 0
 
     @property
     def end(self) -> int:
         return self.start + len(self.kind)
+
+    def key_at(self, i: int) -> int:
+        """The data key that sealed row i's payload (an encrypted merged point holds several)."""
+        return 0 if self.key is None else int(self.key[i])
 
     def raw_length(self, block: int) -> int:
         return min(self.block_size, self.volume_size - block * self.block_size)

@@ -613,13 +613,16 @@ def change_passphrase_cmd(target: str, passphrase_file: str | None, new_passphra
 @click.option("--from", "from_point", metavar="POINT", help="First point of the run to merge (default: the chain's "
               "full point, which makes the merged point a synthetic full).")
 @click.option("--json", "as_json", is_flag=True)
+@key_options
 @handle_errors
-def consolidate(point: str, from_point: str | None, as_json: bool) -> None:
+def consolidate(point: str, from_point: str | None, as_json: bool, passphrase_file: str | None,
+                identity: str | None) -> None:  # fmt: skip
     """Merge the points from the chain's full point (or --from) down to POINT into one; later points go on."""
     from .engine.consolidate import consolidate as run_consolidate
 
     res = open_point(point)
-    r = run_consolidate(res.repo, res.point, cat=res.catalog, from_address=from_point)
+    r = run_consolidate(res.repo, res.point, cat=res.catalog, from_address=from_point,
+                        keyring=_keyring(passphrase_file, identity))  # fmt: skip
     for n in r.notices:
         click.echo(f"notice: {n}", err=True)
     if as_json:
@@ -640,9 +643,10 @@ def consolidate(point: str, from_point: str | None, as_json: bool) -> None:
 @click.option("--keep-monthly", type=int, default=0, help="... of each of the last N months with points.")
 @click.option("--dry-run", is_flag=True, help="Say what would go and how many bytes that frees; change nothing.")
 @click.option("--json", "as_json", is_flag=True)
+@key_options
 @handle_errors
 def prune(target: str, keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
-          dry_run: bool, as_json: bool) -> None:  # fmt: skip
+          dry_run: bool, as_json: bool, passphrase_file: str | None, identity: str | None) -> None:  # fmt: skip
     """Keep the points a retention policy names in every chain of TARGET (a repository, or a chain's address
     such as REPO::CHAIN); merge the others into the point after them. The tip of every branch stays."""
     from .engine.prune import Policy
@@ -658,7 +662,7 @@ def prune(target: str, keep_last: int, keep_hourly: int, keep_daily: int, keep_w
         repo = Repository.open(target)
         cat = repo.catalog()
         gens = list(cat.generations().values())
-    r = run_prune(repo, gens, policy, cat=cat, dry_run=dry_run)
+    r = run_prune(repo, gens, policy, cat=cat, dry_run=dry_run, keyring=_keyring(passphrase_file, identity, ask=False))
     for n in r.notices:
         click.echo(f"notice: {n}", err=True)
     if as_json:

@@ -47,7 +47,8 @@ TAG = 16
 ARGON2_TIME, ARGON2_MEMORY_KIB, ARGON2_LANES = 3, 128 << 10, 2
 _SLOT_AAD = b"imagechain-keyslot-v1\0"
 # nonce suffixes (after a u64 counter) of the things sealed under a point's keys
-N_PAYLOAD, N_FRAME, N_DIRECTORY, N_SUMMARY = 0, 1, 2, 3
+N_PAYLOAD, N_FRAME, N_DIRECTORY, N_SUMMARY, N_KEY_TABLE = 0, 1, 2, 3, 4
+KEY_TABLE_ENTRY = 48  # point id (16) + that point's data key (32)
 
 
 # the end of an encrypted point's sealed frame directory: the footer's state digest, header digest and
@@ -71,6 +72,9 @@ class PointKeys:
     point_id: uuid.UUID
     digest_key: bytes
     data_key: bytes | None
+    # a merged point's payloads keep the keys they were sealed with: (sealing point id, its data key) for
+    # index entries whose `key` field is 1, 2, ... (docs/FORMAT.md section 11.1)
+    inherited: tuple[tuple[uuid.UUID, bytes], ...] = ()
     _aead: dict[str, AESGCM] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -80,7 +84,9 @@ class PointKeys:
     def _cipher(self, which: str) -> AESGCM:
         c = self._aead.get(which)
         if c is None:
-            if which == "data":
+            if which.startswith("inherited "):
+                key = self.inherited[int(which.split()[1]) - 1][1]
+            elif which == "data":
                 if self.data_key is None:
                     raise CredentialsError("this needs the chain's passphrase or the recipient's identity "
                                            "(--identity): the key that opens payloads is not known here")
@@ -94,16 +100,47 @@ class PointKeys:
     def seal_payload(self, block: int, codec: int, data: bytes | memoryview) -> bytes:
         return self._cipher("data").encrypt(_nonce(block, N_PAYLOAD), bytes(data), self._payload_aad(block, codec))
 
-    def open_payload(self, block: int, codec: int, sealed: bytes | memoryview) -> bytes:
+    def open_payload(self, block: int, codec: int, sealed: bytes | memoryview, key: int = 0) -> bytes:
+        """key: the index entry's key field (0 for every point but a merged one)."""
+        if key == 0:
+            cipher, sealer = self._cipher("data"), self.point_id
+        else:
+            self._cipher("data")  # no data key at all: say what is missing before anything else
+            if key > len(self.inherited):
+                raise IntegrityError(f"block {block} names data key {key}, which the point does not hold")
+            sealer = self.inherited[key - 1][0]
+            cipher = self._cipher(f"inherited {key}")
         try:
-            return self._cipher("data").decrypt(_nonce(block, N_PAYLOAD), bytes(sealed),
-                                                self._payload_aad(block, codec))  # fmt: skip
+            return cipher.decrypt(_nonce(block, N_PAYLOAD), bytes(sealed), _payload_aad(sealer, block, codec))
         except InvalidTag as e:
             raise IntegrityError(f"block {block} does not decrypt (altered, or moved from another block or point)") \
                 from e  # fmt: skip
 
     def _payload_aad(self, block: int, codec: int) -> bytes:
-        return b"payload\0" + self.point_id.bytes + struct.pack("<QB", block, codec)
+        return _payload_aad(self.point_id, block, codec)
+
+    def all_data_keys(self) -> dict[uuid.UUID, bytes]:
+        """Every data key this point's payloads were sealed with, by sealing point (consolidation carries
+        them into the merged point's key table)."""
+        assert self.data_key is not None
+        return {self.point_id: self.data_key, **dict(self.inherited)}
+
+    def seal_key_table(self, table: list[tuple[uuid.UUID, bytes]]) -> bytes:
+        """Inherited data keys, sealed under this point's data key: whoever opens a key slot opens them,
+        and `key change-passphrase` (which rewrites only the slots) keeps working."""
+        raw = b"".join(pid.bytes + k for pid, k in table)
+        return self._cipher("data").encrypt(_nonce(0, N_KEY_TABLE), raw, b"key table\0" + self.point_id.bytes)
+
+    def with_key_table(self, sealed: bytes) -> PointKeys:
+        try:
+            raw = self._cipher("data").decrypt(_nonce(0, N_KEY_TABLE), sealed, b"key table\0" + self.point_id.bytes)
+        except InvalidTag as e:
+            raise IntegrityError(f"point {str(self.point_id)[:8]}: its key table does not decrypt (altered)") from e
+        if len(raw) % KEY_TABLE_ENTRY:
+            raise IntegrityError(f"point {str(self.point_id)[:8]}: its key table has a bad length")
+        table = tuple((uuid.UUID(bytes=raw[i : i + 16]), raw[i + 16 : i + KEY_TABLE_ENTRY])
+                      for i in range(0, len(raw), KEY_TABLE_ENTRY))  # fmt: skip
+        return PointKeys(self.point_id, self.digest_key, self.data_key, table)
 
     # index frames, the frame directory, the summary: under the index key (from the digest key)
     def seal_meta(self, counter: int, kind: int, data: bytes) -> bytes:
@@ -117,6 +154,10 @@ class PointKeys:
 
     def digest(self, data: bytes | memoryview) -> bytes:
         return blake3.blake3(data, key=self.digest_key).digest()
+
+
+def _payload_aad(sealer: uuid.UUID, block: int, codec: int) -> bytes:
+    return b"payload\0" + sealer.bytes + struct.pack("<QB", block, codec)
 
 
 def header_mac_key(digest_key: bytes) -> bytes:

@@ -128,6 +128,13 @@ class Keyring:
             keys = PointKeys(h.point_id, stored, None)
         if not h.mac_matches(header_mac_key(keys.digest_key)):
             raise IntegrityError(f"{p.name}: point header fails its MAC (altered, or not of this chain)")
+        table = h.metadata.get(KEY_TABLE)
+        if table is not None and keys.data_key is not None:
+            try:
+                sealed = base64.b64decode(str(table), validate=True)
+            except ValueError as e:
+                raise IntegrityError(f"{p.name}: its key table is not base64") from e
+            keys = keys.with_key_table(sealed)
         p.keys = keys
         return keys
 
@@ -146,6 +153,9 @@ class Keyring:
                     f"`imagechain key generate` wrote with its public key")  # fmt: skip
         return (f"point {short} is encrypted: give its passphrase (IMAGECHAIN_PASSPHRASE, --passphrase-file "
                 f"FILE, or at the prompt)")  # fmt: skip
+
+
+KEY_TABLE = "key_table"  # header metadata of an encrypted merged point (docs/FORMAT.md section 11.1)
 
 
 @dataclass

@@ -160,7 +160,7 @@ class PointView:
         try:
             raw_payload: bytes | memoryview = payload
             if reader.header.encrypted:
-                raw_payload = reader.keys().open_payload(b, codec, payload)
+                raw_payload = reader.keys().open_payload(b, codec, payload, bm.key_at(r))
             raw = decode(codec, bytes(raw_payload), bm.raw_length(b))
         except IntegrityError as e:
             return self._bad(b, f"{where}: block {b} is corrupt ({e})")

@@ -11,6 +11,7 @@ replaced points out of the tree (M stands in for them) and the next consolidatio
 
 from __future__ import annotations
 
+import base64
 import calendar
 import contextlib
 import time
@@ -28,6 +29,7 @@ from ..format import spec
 from ..format.reader import PointFiles
 from ..format.writer import ImageWriter
 from ..identity import local_host
+from ..keyring import KEY_TABLE, Keyring, keys_for_new_point
 from ..lock import ChainLock
 from ..repository import Repository
 from .backup import _merge_runs, recover_leftovers
@@ -55,8 +57,10 @@ class ConsolidateResult:
 
 
 def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = None,
-                from_address: str | None = None) -> ConsolidateResult:  # fmt: skip
-    """Merge the lineage of `point` from its full point (or from `from_address`) down to `point`."""
+                from_address: str | None = None, keyring: Keyring | None = None) -> ConsolidateResult:  # fmt: skip
+    """Merge the lineage of `point` from its full point (or from `from_address`) down to `point`. An
+    encrypted chain needs its passphrase or identity: the merged point carries every data key its
+    payloads were sealed with, in a key table only those open."""
     t0 = time.monotonic()
     cat = cat or repo.catalog()
     lin = cat.lineage(point)
@@ -68,9 +72,7 @@ def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = No
             raise UsageError(f"--from {describe(start)} is not in the lineage of {describe(point)}")
         first = ids.index(start.point_id)
     run = lin[first:]
-    if any(p.header.encrypted for p in run):
-        raise UsageError("consolidating an encrypted chain is not supported yet (its payloads are bound to the "
-                         "point they were sealed in)")  # fmt: skip
+    ring = keyring or Keyring()
     h = point.header
     chain = str(h.metadata.get("chain", "default"))
     me = local_host()
@@ -90,12 +92,14 @@ def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = No
                                          "full" if h.parent_id is None else "incremental", 0, 0,
                                          time.monotonic() - t0, notices)  # fmt: skip
             raise UsageError(f"{describe(point)}: nothing to merge (the run from {describe(run[0])} is one point)")
-        merged, stored, copied = _write_merged(repo, run, lock)
+        if h.encrypted:
+            ring.unlock_all(run, need_data=True)
+        merged, stored, copied = _write_merged(repo, run, lock, ring)
         fresh = repo.catalog()
         m = fresh.points.get(merged.point_id)
         if m is None:
             raise ImagechainError(f"the merged point {str(merged.point_id)[:8]} is not readable after publishing")
-        report = verify(repo, m, cat=fresh)  # its lineage's maps and every payload it holds
+        report = verify(repo, m, cat=fresh, keyring=ring)  # its lineage's maps and every payload it holds
         if not report.ok:
             problems = [q for p in report.points for q in p.problems] + report.incomplete
             raise ImagechainError(f"the merged point {describe(m)} does not verify ({'; '.join(problems[:2])}); "
@@ -131,12 +135,32 @@ def _retire(repo: Repository, cat: Catalog, notices: list[str]) -> list[str]:
     return gone
 
 
-def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock) -> tuple[spec.PointHeader, int, int]:
+def _key_table(run: list[PointFiles]) -> tuple[list[tuple[uuid.UUID, bytes]], np.ndarray]:
+    """The merged point's inherited data keys, and where each (run point, key field) maps in them: lut[i, k]
+    is the new key field of a payload that run[i] holds under key field k."""
+    table: dict[uuid.UUID, bytes] = {}
+    for p in run:
+        assert p.keys is not None
+        table.update(p.keys.all_data_keys())
+    order = list(table)
+    if len(order) >= 0xFFFF:
+        raise UsageError(f"a merged point can hold at most {0xFFFF - 1} data keys; merge a shorter run (--from)")
+    lut = np.zeros((len(run), 1 + max(len(p.keys.inherited) for p in run if p.keys)), np.uint16)
+    for i, p in enumerate(run):
+        assert p.keys is not None
+        for k, sealer in enumerate([p.point_id, *(pid for pid, _k in p.keys.inherited)]):
+            lut[i, k] = 1 + order.index(sealer)
+    return [(pid, table[pid]) for pid in order], lut
+
+
+def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock,
+                  ring: Keyring) -> tuple[spec.PointHeader, int, int]:  # fmt: skip
     first, last = run[0], run[-1]
     fh, lh = first.header, last.header
     point_id = uuid.uuid4()
     replaced = sorted({p.point_id.hex for p in run} | {i.hex for p in run for i in merged_ids(p)})
-    meta = {k: v for k, v in lh.metadata.items() if k not in ("parent_file", "merged", "merged_first_sequence")}
+    drop = ("parent_file", "merged", "merged_first_sequence", KEY_TABLE)
+    meta = {k: v for k, v in lh.metadata.items() if k not in drop}
     if "parent_file" in fh.metadata:
         meta["parent_file"] = fh.metadata["parent_file"]
     meta["merged"] = replaced
@@ -150,9 +174,19 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock) -> t
         compression=lh.compression, compression_level=lh.compression_level, split_size=lh.split_size,
         metadata=meta, minor=spec.MERGED_MINOR,
     )  # fmt: skip
+    keys, lut, remember = None, None, None
+    if lh.encrypted:  # payloads stay sealed as they are; the merged point's own data key seals the key table
+        sealing = keys_for_new_point(ring, lh.chain_id, point_id, last, None)
+        assert sealing is not None
+        keys, remember = sealing.keys, sealing.remember
+        table, lut = _key_table(run)
+        meta.update(sealing.metadata)
+        meta[KEY_TABLE] = base64.b64encode(keys.seal_key_table(table)).decode()
+        header.encryption, header.digest_algorithm = spec.ENCRYPTION_AES256GCM, spec.DIGEST_BLAKE3_KEYED
+        header.key_material = sealing.key_material
     chain_dir = last.name.rpartition("/")[0]
     base = repo.point_base(chain_dir, lh.created_us, lh.sequence, fh.parent_id is None, point_id.hex)
-    writer = ImageWriter(repo.store, base, header, lh.split_size)
+    writer = ImageWriter(repo.store, base, header, lh.split_size, keys=keys)
     stored = copied = 0
     counts = {"data_blocks": 0, "zero_blocks": 0, "unused_blocks": 0}
     try:
@@ -171,6 +205,9 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock) -> t
                 ent["digest"] = bm.digest[defined]
                 data = np.flatnonzero(ent["kind"] == spec.BLOCK_DATA)
                 ent["codec"][data] = bm.codec[defined[data]]
+                if lut is not None:
+                    assert bm.key is not None
+                    ent["key"][data] = lut[bm.src[defined[data]], bm.key[defined[data]]]
                 for at in range(0, len(data), COPY_BLOCKS):  # memory: one slice of payloads, not a window's
                     rows = data[at : at + COPY_BLOCKS]
                     payloads = source.fetch(bm, defined[rows] + bm.start)
@@ -190,4 +227,6 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock) -> t
     except BaseException:
         writer.abort()
         raise
+    if remember is not None:
+        remember()
     return header, stored, copied

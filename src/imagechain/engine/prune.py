@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 import numpy as np
 
 from ..chain import Catalog, MapStream, describe
-from ..errors import UsageError
+from ..errors import CredentialsError, UsageError
 from ..format import spec
 from ..format.reader import PointFiles
+from ..keyring import Keyring
 from ..repository import Repository
 from .consolidate import consolidate
 
@@ -101,17 +102,19 @@ class PruneResult:
 
 
 def plan(repo: Repository, cat: Catalog, generations: list[list[PointFiles]], policy: Policy,
-         notices: list[str]) -> tuple[list[Merge], int]:  # fmt: skip
+         notices: list[str], keyring: Keyring | None = None) -> tuple[list[Merge], int]:  # fmt: skip
     """The merges that carry out the policy, and how many points stay."""
     policy.check()
     merges: list[Merge] = []
     kept_total = 0
     for pts in generations:
         if any(p.header.encrypted for p in pts):
-            notices.append(f"skipped the encrypted chain of {describe(pts[-1])}: encrypted chains cannot be "
-                           f"consolidated yet")  # fmt: skip
-            kept_total += len(pts)
-            continue
+            try:  # merging carries the data keys over: it needs them, and the maps need the digest key
+                (keyring or Keyring()).unlock_all([q for t in cat.tips(pts) for q in cat.lineage(t)], need_data=True)
+            except CredentialsError as e:
+                notices.append(f"skipped the encrypted chain of {describe(pts[-1])}: {e}")
+                kept_total += len(pts)
+                continue
         lineages = [cat.lineage(t) for t in cat.tips(pts)]
         kept: set[str] = set()
         for lin in lineages:
@@ -155,16 +158,17 @@ def _payload_bytes(repo: Repository, run: list[PointFiles]) -> int:
 
 
 def prune(repo: Repository, generations: list[list[PointFiles]], policy: Policy, *, cat: Catalog | None = None,
-          dry_run: bool = False) -> PruneResult:  # fmt: skip
+          dry_run: bool = False, keyring: Keyring | None = None) -> PruneResult:  # fmt: skip
     t0 = time.monotonic()
     cat = cat or repo.catalog()
     notices: list[str] = []
-    merges, kept = plan(repo, cat, generations, policy, notices)
+    ring = keyring or Keyring()
+    merges, kept = plan(repo, cat, generations, policy, notices, ring)
     if not dry_run:
         for m in merges:
             fresh = repo.catalog()
             into = fresh.resolve(m.into.point_id) or m.into
             first = fresh.resolve(m.remove[0].point_id) or m.remove[0]
-            r = consolidate(repo, into, cat=fresh, from_address=first.point_id.hex)
+            r = consolidate(repo, into, cat=fresh, from_address=first.point_id.hex, keyring=ring)
             notices += r.notices
     return PruneResult(merges, kept, dry_run, time.monotonic() - t0, notices)

@@ -104,7 +104,7 @@ class PayloadSource:
         r = self.readers[int(bm.src[i])]
         try:
             if r.header.encrypted:
-                payload = r.keys().open_payload(block, int(bm.codec[i]), payload)
+                payload = r.keys().open_payload(block, int(bm.codec[i]), payload, bm.key_at(i))
             raw = decode(int(bm.codec[i]), payload, bm.raw_length(block))
         except IntegrityError as e:
             raise IntegrityError(f"{r.segment_at(int(bm.offset[i]))}: block {block} is corrupt ({e})") from e

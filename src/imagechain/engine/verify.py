@@ -273,7 +273,7 @@ def _check_payloads(r: PointReader, h: spec.PointHeader, threads: int,
             try:
                 payload = bytes(buf[o : o + int(e["length"])])
                 if keys is not None:
-                    payload = keys.open_payload(blk, int(e["codec"]), payload)
+                    payload = keys.open_payload(blk, int(e["codec"]), payload, int(e["key"]))
                 raw = decode(int(e["codec"]), payload, geometry.raw_length(blk))
                 if (spec.b3(raw) if keys is None else keys.digest(raw)) != e["digest"].tobytes():
                     bad.append((blk, r.segment_at(int(e["offset"]))))

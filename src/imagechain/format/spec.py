@@ -66,7 +66,7 @@ INDEX_ENTRY = np.dtype(
         ("count", "<u4"),
         ("kind", "u1"),
         ("codec", "u1"),
-        ("reserved0", "<u2"),
+        ("key", "<u2"),  # 1.4: which data key sealed the payload (0: the point's own; section 11.1)
         ("offset", "<u8"),
         ("length", "<u4"),
         ("reserved1", "<u4"),

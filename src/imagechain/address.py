@@ -18,7 +18,8 @@ from .chain import Catalog, newest_generation
 from .errors import AmbiguousPointError, IntegrityError, PointNotFoundError, RepositoryError, UsageError
 from .format.reader import PointFiles
 from .names import component
-from .repository import MARKER, Repository, chain_key, find_root
+from .repository import EXTENSION, MARKER, Repository, chain_key, find_root
+from .stores import is_remote, open_store, parent_location
 
 
 @dataclass
@@ -37,6 +38,10 @@ def split_address(address: str) -> tuple[str, str | None]:
 
 def open_point(address: str, salvage: bool = False) -> Resolved:
     repo_path, spec_ = split_address(address)
+    if spec_ is None and is_remote(address):
+        if address.endswith(EXTENSION):
+            return _by_remote_file(address, salvage)
+        spec_ = ""
     if spec_ is None:
         try:
             st = os.stat(address)
@@ -56,13 +61,35 @@ def open_point(address: str, salvage: bool = False) -> Resolved:
     return Resolved(repo, cat, select(cat, spec_, repo_path))
 
 
+def _by_remote_file(url: str, salvage: bool) -> Resolved:
+    """An image file named by URL: its repository is the nearest folder upwards with the marker."""
+    folder, name = parent_location(url)
+    rel = [name]
+    probe = folder
+    while True:
+        store = open_store(probe)
+        if store.exists(MARKER):
+            return _in(Repository(store, probe), "/".join(reversed(rel)), url, salvage)
+        up, last = parent_location(probe)
+        if up == probe or "://" not in up or up.endswith(":/"):
+            store = open_store(folder)
+            return _in(Repository(store, folder), name, url, salvage)
+        rel.append(last)
+        probe = up
+
+
 def _by_file(path: str, salvage: bool = False) -> Resolved:
     root = find_root(path)
     repo = Repository.open(root) if os.path.isfile(os.path.join(root, MARKER)) else Repository.around(root)
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+    return _in(repo, rel, path, salvage)
+
+
+def _in(repo: Repository, rel: str, path: str, salvage: bool) -> Resolved:
+    """The point a file (rel, relative to repo) belongs to."""
     cat = repo.catalog()
     if salvage:
         cat = cat.with_salvaged()
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
     pid = cat.by_file.get(rel)
     if pid is None:
         raise PointNotFoundError(f"not an imagechain image file: {path}")

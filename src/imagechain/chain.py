@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -16,7 +17,7 @@ from .errors import ChainBrokenError, IntegrityError
 from .format import spec
 from .format.reader import PointFiles, PointReader, SegmentFile, assemble, scan_file
 from .state import StateHasher
-from .stores import Store, temporary_of
+from .stores import Store, StoreEntry, temporary_of
 
 RETIRED = "retired"  # folder of a repository where consolidation moves the files it replaced (docs/CLI.md)
 WINDOW_BLOCKS = 1 << 16  # 64 Ki blocks (4 GiB of volume at 64 KiB): ~2 MiB of map, ~3 MiB with locations
@@ -197,16 +198,21 @@ def newest_generation(gens: list[list[PointFiles]]) -> list[PointFiles]:
     return max(heads, key=lambda pts: (max(p.header.created_us for p in pts), pts[0].header.chain_id.hex))
 
 
+SCAN_THREADS = 16  # concurrent header reads of a remote store's files the catalog cache lacks
+
+
 def scan(store: Store, prefix: str = "") -> Catalog:
     cat = Catalog()
     groups: dict[uuid.UUID, list[SegmentFile]] = defaultdict(list)
+    entries = []
     for entry in store.list(prefix):
         if entry.name.startswith(RETIRED + "/"):
             continue  # files of merged-away points, kept a while for readers that had listed them
         if temporary_of(entry.name.rpartition("/")[2]) is not None:
             cat.leftovers.append(entry.name)
             continue
-        sf = scan_file(store, entry)
+        entries.append(entry)
+    for sf in _scan_files(store, entries, prefix):
         if sf is None:
             continue
         if sf.seg.number < 0:
@@ -234,6 +240,30 @@ def scan(store: Store, prefix: str = "") -> Catalog:
             cat.incomplete[pid] = names
     _merge_stand_ins(cat)
     return cat
+
+
+def _scan_files(store: Store, entries: list[StoreEntry], prefix: str) -> list[SegmentFile | None]:
+    """scan_file of every entry: directly for a local store; for a remote one, from the catalog cache where
+    it holds the file, the rest read concurrently and then remembered."""
+    if not store.remote:
+        return [scan_file(store, e) for e in entries]
+    from .catalog_cache import CatalogCache, Recorder
+
+    cache = CatalogCache(store)
+    try:
+        known = cache.lookup(entries)
+        recorders = [Recorder(store, e, *known.get(e.name, (None, None))) for e in entries]
+        with ThreadPoolExecutor(SCAN_THREADS) as pool:
+            files = list(pool.map(lambda r: scan_file(r, r.entry), recorders))
+        fresh = {}
+        for r, sf in zip(recorders, files, strict=True):
+            kept = r.keep(sf) if sf is not None else None
+            if kept is not None:
+                fresh[r.entry] = kept
+        cache.update(fresh, entries, prefix)
+        return files
+    finally:
+        cache.close()
 
 
 def _merge_stand_ins(cat: Catalog) -> None:

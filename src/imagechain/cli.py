@@ -44,6 +44,7 @@ from .repository import Repository
 from .sizes import human, parse_duration, parse_size
 from .snapshots import MODES, SnapshotOptions
 from .snapshots.apps import APPS
+from .stores import is_remote
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # pipes: never wrap tables
@@ -538,7 +539,7 @@ def restore(point: str, dest: str, delta: bool, force: bool, salvage: bool, over
 @handle_errors
 def verify(target: str, passphrase_file: str | None, identity: str | None, as_json: bool) -> None:
     """Verify a whole repository, or one point: structure, checksums, links and every block digest."""
-    if "::" not in target and os.path.isdir(target):
+    if "::" not in target and (os.path.isdir(target) or (is_remote(target) and not target.endswith(".icimg"))):
         repo, only, cat = Repository.open(target), None, None
     else:
         res = open_point(target)

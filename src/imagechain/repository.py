@@ -19,7 +19,7 @@ from .chain import Catalog, scan
 from .errors import RepositoryError
 from .format.writer import EXTENSION
 from .names import component, timestamp
-from .stores import LocalStore, Store
+from .stores import LocalStore, Store, is_remote, local_path, open_store
 
 MARKER = "imagechain.json"
 
@@ -33,17 +33,25 @@ class Repository:
         self.store, self.display = store, display
 
     @classmethod
-    def open(cls, path: str, create: bool = False) -> Repository:
-        """The repository at path. Only with create (imagechain init, backup --init) is a missing folder
-        made or a folder without the marker turned into a repository: an empty mount point whose disk is
-        not mounted must not quietly become one on the root filesystem."""
+    def open(cls, location: str, create: bool = False) -> Repository:
+        """The repository at location (a path or a URL, see stores). Only with create (imagechain init,
+        backup --init) is a missing folder made or a folder without the marker turned into a repository:
+        an empty mount point whose disk is not mounted must not quietly become one on the root filesystem."""
+        how = f"create one with: imagechain init {shlex.quote(location)} (or backup --init)"
+        if is_remote(location):
+            store = open_store(location)
+            if not store.root_exists():
+                if not create:
+                    raise RepositoryError(f"repository not found: {location}; {how}")
+                store.make_root()
+            return cls._marked(cls(store, location), create, how)
+        path = local_path(location)
         try:
             os.stat(path)
         except FileNotFoundError:
             pass
         except OSError as e:  # ENOTCONN (a FUSE driver gone), EIO: the disk, not a missing folder
             raise RepositoryError(f"cannot read repository {path}: {e.strerror or e}") from e
-        how = f"create one with: imagechain init {shlex.quote(path)} (or backup --init)"
         if not os.path.isdir(path):
             if os.path.exists(path):
                 raise RepositoryError(f"repository is not a folder: {path}")
@@ -53,11 +61,14 @@ class Repository:
                 os.makedirs(path, exist_ok=True)  # two first backups may race here: both go on
             except OSError as e:
                 raise RepositoryError(f"cannot create repository {path}: {e.strerror}") from e
-        repo = cls(LocalStore(path), path)
+        return cls._marked(cls(LocalStore(path), location), create, how)
+
+    @classmethod
+    def _marked(cls, repo: Repository, create: bool, how: str) -> Repository:
         if not repo.store.exists(MARKER):
             if not create:
-                raise RepositoryError(f"{path} is not an imagechain repository (it has no {MARKER}); is the disk "
-                                      f"mounted? ({how})")  # fmt: skip
+                raise RepositoryError(f"{repo.display} is not an imagechain repository (it has no {MARKER}); is "
+                                      f"the disk mounted? ({how})")  # fmt: skip
             marker = {"format": "imagechain-repository", "version": 1,
                       "created": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
             repo.store.create_exclusive(MARKER, json.dumps(marker, indent=1).encode())  # False: a racer made it
@@ -68,9 +79,11 @@ class Repository:
         """The folder holding an image file that lies outside any repository (copied alone somewhere)."""
         return cls(LocalStore(folder), folder)
 
-    def catalog(self) -> Catalog:
+    def catalog(self, prefix: str = "") -> Catalog:
+        """Every point below prefix (the whole repository by default), found by reading file headers; a
+        remote store's are remembered in the local catalog cache (catalog_cache.py)."""
         try:
-            return scan(self.store)
+            return scan(self.store, prefix)
         except OSError as e:  # the disk went away (ENOTCONN from a dead FUSE driver, EIO): name the cause
             raise RepositoryError(f"cannot read repository {self.display}: {e.strerror or e}"
                                   f"{f' ({e.filename})' if e.filename else ''}") from e

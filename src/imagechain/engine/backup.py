@@ -36,7 +36,7 @@ from ..repository import Repository
 from ..snapshots import Capture, Plan, SnapshotOptions, plan_snapshot
 from ..sources import Source, check_name, open_source, same_source
 from ..state import StateHasher
-from ..stores import Store, StoreEntry, temporary_of
+from ..stores import Store, StoreEntry, is_remote, local_path, temporary_of
 from ..usage import Usage, volume_usage
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
@@ -194,7 +194,8 @@ def backup(
     snap = snapshot or SnapshotOptions()
     snap.check()
     with open_source(source_path, source_name) as src:
-        plan = plan_snapshot(src.path, src.is_device, snap, allow_mounted, writes=(repo_path,), cache=cache)
+        writes = () if is_remote(repo_path) else (local_path(repo_path),)  # a remote store is no local filesystem
+        plan = plan_snapshot(src.path, src.is_device, snap, allow_mounted, writes=writes, cache=cache)
         if plan.mounted:
             progress.notice(f"{plan.mounted}: the point may not be consistent (--allow-mounted)")
         if plan.keep_cache_off:

@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import blake3
 import numpy as np
@@ -43,7 +44,11 @@ class SegmentFile:
         return self.seg.logical_offset + self.size - spec.SEGMENT_HEADER_SIZE
 
 
-def scan_file(store: Store, entry: StoreEntry) -> SegmentFile | None:
+class Reads(Protocol):
+    def read(self, name: str, offset: int, length: int) -> bytes: ...
+
+
+def scan_file(store: Reads, entry: StoreEntry) -> SegmentFile | None:
     """Parse what identifies a file as part of a point; None when it is not an image file at all.
 
     A file named like an image file (.icimg) that does not start with a segment header is reported

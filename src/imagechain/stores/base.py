@@ -24,6 +24,7 @@ def temporary_of(name: str) -> str | None:
 class StoreEntry:
     name: str
     size: int
+    tag: str = ""  # remote stores: what changes when the file's bytes change (ETag, mtime); caches key on it
 
 
 class AtomicWriter(ABC):
@@ -68,6 +69,16 @@ class RandomReader(ABC):
 
 class Store(ABC):
     url: str
+    remote = False  # reads cost a round trip: the catalog caches what it reads of each file (catalog.py)
+    bytes_read = 0  # payload bytes fetched from a remote store by this process (reports, benchmarks)
+
+    def root_exists(self) -> bool:
+        """Whether the folder (prefix, bucket) the store is rooted at exists."""
+        return True
+
+    @abstractmethod
+    def make_root(self) -> None:
+        """Create the root folder for `imagechain init`; stores whose root cannot be made here raise."""
 
     @abstractmethod
     def open(self, name: str) -> RandomReader: ...

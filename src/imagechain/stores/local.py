@@ -200,6 +200,15 @@ class LocalStore(Store):
         self.root = os.path.abspath(root)
         self.url = self.root
 
+    def root_exists(self) -> bool:
+        return os.path.isdir(self.root)
+
+    def make_root(self) -> None:
+        try:
+            _make_dirs(self.root)
+        except OSError as e:
+            _raise_io(e, self.root)
+
     def path(self, name: str) -> str:
         return os.path.join(self.root, *name.split("/")) if name else self.root
 

@@ -56,9 +56,14 @@ class Recorder:
             self.tail = data
         return data
 
-    def keep(self, sf: SegmentFile) -> tuple[bytes, bytes] | None:
-        """What to cache of a file that scanned cleanly: its headers (not the 4 KiB read for them) and footer."""
-        if self.hit or sf.problem or sf.seg.number < 0 or self.tail is None:
+    def keep(self, sf: SegmentFile | None) -> tuple[bytes, bytes] | None:
+        """What to cache of a file that scanned cleanly: its headers (not the 4 KiB read for them) and footer;
+        for a file that is no image file at all (the marker, a lock, a damage record), that it is none."""
+        if self.hit:
+            return None
+        if sf is None:
+            return b"", b""  # its head does not start like a segment: read as such from the cache
+        if sf.problem or sf.seg.number < 0 or self.tail is None:
             return None
         n = spec.SEGMENT_HEADER_SIZE
         if sf.seg.number == 0:

@@ -257,7 +257,7 @@ def _scan_files(store: Store, entries: list[StoreEntry], prefix: str) -> list[Se
             files = list(pool.map(lambda r: scan_file(r, r.entry), recorders))
         fresh = {}
         for r, sf in zip(recorders, files, strict=True):
-            kept = r.keep(sf) if sf is not None else None
+            kept = r.keep(sf)
             if kept is not None:
                 fresh[r.entry] = kept
         cache.update(fresh, entries, prefix)

@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PACKAGES := e2fsprogs dosfstools exfatprogs exfat-fuse fusefat ntfs-3g fuse3 zstd util-linux xfsprogs fdisk gdisk mtools strace \
-	postgresql mariadb-server mariadb-client lvm2 qemu-utils libnbd-bin
+	postgresql mariadb-server mariadb-client lvm2 qemu-utils libnbd-bin openssh-server openssh-client passwd
 BENCH_PACKAGES := borgbackup restic partclone fio
 
 .PHONY: test check demo bench system-deps clean

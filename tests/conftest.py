@@ -15,6 +15,9 @@ import pytest
 
 from imagechain.names import case_collisions, portability_problems
 
+from .s3server import s3_bucket, s3_server  # noqa: F401 (fixtures: one S3 server per run, a bucket per test)
+from .sshd import sshd_server  # noqa: F401 (fixture: one sshd per run)
+
 REPOS: list[Path] = []
 
 

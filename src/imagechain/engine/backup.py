@@ -85,6 +85,7 @@ class BackupResult:
     used_map: str = ""  # how the blocks to read were chosen (metadata used_map)
     parent_id: str | None = None
     lineage_check_s: float = 0.0  # proving the stored indexes of the lineage built on
+    repository_read_bytes: int = 0  # read from the repository (headers, footers, indexes; never payloads)
     notices: list[str] = field(default_factory=list)
     snapshot: dict[str, object] = field(default_factory=dict)  # how the source was read (summary "snapshot")
     snapshot_text: str = ""
@@ -273,6 +274,7 @@ class _Job:
             pmap = self._parent_map(stack, lin) if parent is not None else None
             res = self._write(cat, gen, lin, pmap, chain_dir, t0)
         res.lineage_check_s = check_s
+        res.repository_read_bytes = repo.store.bytes_read
         return res
 
     def _parent(self, cat: Catalog, gen: list[PointFiles]) -> PointFiles | None:
@@ -535,6 +537,9 @@ def recover_leftovers(store: Store, cat: Catalog, folder: str, note: Callable[[s
             store.delete(name)
             note(f"removed {name}, left by an interrupted backup")
             changed = True
+        aborted = store.abort_uploads(folder + "/")
+        if aborted:
+            note(f"aborted {aborted} unfinished upload(s) of an interrupted writer in {folder}")
     return changed
 
 

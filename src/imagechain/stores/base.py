@@ -6,10 +6,12 @@ visible under its final name; a crash before that leaves at most a temporary tha
 from __future__ import annotations
 
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+_COUNT_LOCK = threading.Lock()
 TEMP_MARK = ".tmp-"  # temporaries are named <final name>.tmp-<8 lowercase hex digits>
 _TEMPORARY = re.compile(r"^(.+)\.tmp-[0-9a-f]{8}$")
 
@@ -70,7 +72,13 @@ class RandomReader(ABC):
 class Store(ABC):
     url: str
     remote = False  # reads cost a round trip: the catalog caches what it reads of each file (catalog.py)
-    bytes_read = 0  # payload bytes fetched from a remote store by this process (reports, benchmarks)
+    bytes_read = 0  # bytes this store object read from its files (reports, benchmarks)
+
+    def counted(self, data: bytes) -> bytes:
+        """data, added to bytes_read (stores call it on everything they read)."""
+        with _COUNT_LOCK:
+            self.bytes_read += len(data)
+        return data
 
     def root_exists(self) -> bool:
         """Whether the folder (prefix, bucket) the store is rooted at exists."""
@@ -114,6 +122,11 @@ class Store(ABC):
 
     @abstractmethod
     def exists(self, name: str) -> bool: ...
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Drop unfinished uploads below prefix (S3 multipart uploads of a writer that died); the caller
+        holds the lock of every chain there, so none of them is still being written. Returns how many."""
+        return 0
 
     def patch(self, name: str, offset: int, data: bytes) -> None:
         """Overwrite bytes of a published file in place, durably. Only for regions that prove themselves

@@ -185,11 +185,12 @@ _BINARY = getattr(os, "O_BINARY", 0)
 
 
 class _LocalReader(RandomReader):
-    def __init__(self, path: str) -> None:
+    def __init__(self, store: LocalStore, path: str) -> None:
+        self._store = store
         self._fd = os.open(path, os.O_RDONLY | _BINARY)
 
     def pread(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
+        return self._store.counted(os.pread(self._fd, length, offset))
 
     def close(self) -> None:
         os.close(self._fd)
@@ -235,11 +236,11 @@ class LocalStore(Store):
                     yield StoreEntry(rel + fn, st.st_size)
 
     def open(self, name: str) -> RandomReader:
-        return _LocalReader(self.path(name))
+        return _LocalReader(self, self.path(name))
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         with open(self.path(name), "rb") as f:
-            return os.pread(f.fileno(), length, offset)
+            return self.counted(os.pread(f.fileno(), length, offset))
 
     def size(self, name: str) -> int:
         return os.stat(self.path(name)).st_size

@@ -82,8 +82,8 @@ def test_a_rewritten_file_is_read_again_and_a_damaged_one_never_cached(chain_rep
     assert len(scan(store).points) == 4
 
 
-def test_deleting_the_cache_loses_nothing_and_deleted_files_leave_it(chain_repo: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_deleting_the_cache_loses_nothing_and_deleted_files_leave_it(
+        chain_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("IMAGECHAIN_CATALOG_CACHE", str(tmp_path / "catalog"))
     store = CountingRemote(str(chain_repo))
     first = scan(store)

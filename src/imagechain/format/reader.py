@@ -281,7 +281,17 @@ class PointReader:
                 i += 1
                 continue
             n = min(length, f.data_end - offset)
-            data = self._handle(i).pread(spec.SEGMENT_HEADER_SIZE + offset - f.seg.logical_offset, n)
+            at = spec.SEGMENT_HEADER_SIZE + offset - f.seg.logical_offset
+            handle = self._handle(i)
+            try:
+                data = handle.pread(at, n)
+            except FileNotFoundError:  # a remote file moved to retired/ after it was opened: read it there
+                with self._lock:
+                    if self._handles.get(i) is handle:
+                        del self._handles[i]
+                with contextlib.suppress(OSError):
+                    handle.close()
+                data = self._handle(i).pread(at, n)
             if len(data) != n:
                 raise IntegrityError(f"{f.name}: truncated (short read at {offset})")
             parts.append(data)

@@ -207,7 +207,7 @@ def test_a_connection_cut_mid_upload_publishes_nothing(tmp_path: Path, sftp_env:
 def test_s3_failures_are_one_line_each(tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     vol = tmp_path / "vol.img"
     data = bytearray(write_volume(vol, 4 * MiB, seed=3))
-    one_line(ic("list", f"s3://no-such-bucket-{secrets.token_hex(3)}/x"), 4, "bucket")
+    one_line(ic("list", f"s3://no-such-bucket-{secrets.token_hex(3)}/x"), 4, "bucket not found")
     one_line(ic("list", f"s3://{s3_bucket}/nothing-here"), 4, "repository not found")
     url = f"s3://{s3_bucket}/repo"
     ok("backup", vol, url, "--init")

@@ -61,6 +61,17 @@ def test_a_warm_scan_reads_nothing_and_sees_what_a_cold_one_sees(chain_repo: Pat
         q = warm.points[pid]
         assert (q.header, q.footer, [s.name for s in q.segments]) == (p.header, p.footer, [s.name for s in p.segments])
     assert cold.generations().keys() == warm.generations().keys()
+    from imagechain.format.reader import PointReader
+
+    for p in warm.points.values():  # what `list` shows of each point comes from the cache too, proven
+        with PointReader(store, p) as r:
+            assert r.summary()["volume_size"] == 2 * MiB
+    assert store.reads == 0
+    (any_point, *_rest) = warm.points.values()
+    any_point.segments[-1].summary_raw = b"x" * len(any_point.segments[-1].summary_raw or b"")
+    any_point._summary = None
+    with PointReader(store, any_point) as r, pytest.raises(Exception, match="summary checksum"):
+        r.summary()  # cached bytes are checked against the footer like read ones
 
 
 def test_a_rewritten_file_is_read_again_and_a_damaged_one_never_cached(chain_repo: Path) -> None:

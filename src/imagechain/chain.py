@@ -45,6 +45,7 @@ class Catalog:
     incomplete: dict[uuid.UUID, list[str]] = field(default_factory=dict)  # published files of unfinished points
     notices: list[str] = field(default_factory=list)  # ignored copies, misnamed segments
     by_file: dict[str, uuid.UUID] = field(default_factory=dict)  # every image file -> its point id
+    listed: set[str] = field(default_factory=set)  # every file the scan listed (a remote exists() costs a trip)
     # consolidation (format 1.4): a point id that a merged point replaced -> the merged point, and the
     # replaced points whose files are still there (a consolidation stopped before retiring them)
     stand_ins: dict[uuid.UUID, PointFiles] = field(default_factory=dict)
@@ -208,6 +209,7 @@ def scan(store: Store, prefix: str = "") -> Catalog:
     for entry in store.list(prefix):
         if entry.name.startswith(RETIRED + "/"):
             continue  # files of merged-away points, kept a while for readers that had listed them
+        cat.listed.add(entry.name)
         if temporary_of(entry.name.rpartition("/")[2]) is not None:
             cat.leftovers.append(entry.name)
             continue
@@ -252,11 +254,13 @@ def _scan_files(store: Store, entries: list[StoreEntry], prefix: str) -> list[Se
     cache = CatalogCache(store)
     try:
         known = cache.lookup(entries)
-        recorders = [Recorder(store, e, *known.get(e.name, (None, None))) for e in entries]
+        recorders = [Recorder(store, e, known.get(e.name)) for e in entries]
         with ThreadPoolExecutor(SCAN_THREADS) as pool:
             files = list(pool.map(lambda r: scan_file(r, r.entry), recorders))
         fresh = {}
         for r, sf in zip(recorders, files, strict=True):
+            if sf is not None:
+                sf.summary_raw = r.summary_of(sf)
             kept = r.keep(sf)
             if kept is not None:
                 fresh[r.entry] = kept

@@ -341,7 +341,7 @@ def list_(repo: str, as_json: bool) -> None:
     gens = sorted(cat.generations().values(), key=lambda pts: (str(pts[0].header.metadata.get("host")),
                   str(pts[0].header.metadata.get("source")), str(pts[0].header.metadata.get("chain")),
                   pts[0].header.created_us))  # fmt: skip
-    damage = [DamageRecord.of(r.store, cat.ancestry(pts[0])[0]) for pts in gens]  # one record per generation
+    damage = [DamageRecord.of(r.store, cat.ancestry(pts[0])[0], cat.listed) for pts in gens]  # one per generation
     rows = [[_row(p, r, cat, d) for p in pts] for pts, d in zip(gens, damage, strict=True)]
     tips = [[str(t.point_id) for t in cat.tips(pts)] for pts in gens]
     if as_json:

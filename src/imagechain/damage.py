@@ -28,12 +28,15 @@ class DamageRecord:
     unrestorable: dict[str, str] = field(default_factory=dict)  # later points that take damaged blocks: why
 
     @classmethod
-    def of(cls, store: Store, first: PointFiles) -> DamageRecord:
-        """The record of the generation whose full point is `first` (empty when there is none)."""
+    def of(cls, store: Store, first: PointFiles, listed: set[str] | None = None) -> DamageRecord:
+        """The record of the generation whose full point is `first` (empty when there is none). listed: the
+        files a scan found, when known (it saves a remote store a request per generation)."""
         folder = first.name.rpartition("/")[0]
         cid = first.header.chain_id
         name = f"{folder}/damaged-{cid.hex[:8]}.json" if folder else f"damaged-{cid.hex[:8]}.json"
         rec = cls(name, cid)
+        if listed is not None and name not in listed:
+            return rec
         try:
             doc = json.loads(store.read(name, 0, 16 << 20))
         except (OSError, ValueError):

@@ -38,6 +38,7 @@ class SegmentFile:
     claim: tuple[uuid.UUID, uuid.UUID | None, int] | None = None  # unproven (chain, parent, seq) of a bad header
     unchecked: spec.PointHeader | None = None  # a header whose checksum failed, parsed anyway (salvage)
     seg_checked: bool = True  # False: the segment header's checksum failed, its fields were read anyway
+    summary_raw: bytes | None = None  # last segment: the stored summary, when a scan read it on the way
 
     @property
     def data_end(self) -> int:
@@ -425,7 +426,9 @@ class PointReader:
     def summary(self) -> dict[str, object]:
         if self.files._summary is None:
             ft = self.footer
-            raw = self.read(ft.summary_offset, ft.summary_length)
+            raw = self.files.segments[-1].summary_raw  # from the catalog cache: proven below like a read
+            if raw is None or len(raw) != ft.summary_length:
+                raw = self.read(ft.summary_offset, ft.summary_length)
             if spec.b3(raw) != ft.summary_digest:
                 raise IntegrityError(f"{self.files.name}: summary checksum mismatch")
             if self.header.encrypted:

@@ -729,12 +729,14 @@ def break_lock(repo: str, lock_ids: tuple[str, ...], force: bool) -> None:
 
 
 def _register_commands() -> None:
-    """Commands that live with their packages (mount, nbd), imported here so `imagechain --help` lists them."""
+    """Commands that live with their packages (mount, nbd, jobs), imported here so `imagechain --help` lists them."""
+    from .jobs.commands import register as jobs_commands
     from .mount.commands import register as mount_commands
     from .nbd.commands import register as nbd_commands
 
     mount_commands(main)
     nbd_commands(main)
+    jobs_commands(main)
 
 
 _register_commands()

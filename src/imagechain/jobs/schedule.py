@@ -1,0 +1,63 @@
+"""When a job runs: a cron expression (croniter), or a friendly form that stands for one.
+
+Friendly forms: `hourly` (at :00), `hourly :MM`, `daily` (00:00), `daily HH:MM`, `weekly` (Sunday 00:00),
+`weekly DAY HH:MM` (DAY: mon..sun), `monthly` (the 1st, 00:00), `monthly D HH:MM`. Times are the
+machine's local time; croniter takes daylight-saving changes into account."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from croniter import croniter
+
+DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_FULL_DAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
+_TIME = r"([01]?\d|2[0-3]):([0-5]\d)"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    text: str  # as written
+    cron: str  # the cron expression it stands for
+
+    def next_after(self, moment: datetime) -> datetime:
+        """The first scheduled time strictly after moment (an aware datetime)."""
+        nxt: datetime = croniter(self.cron, moment).get_next(datetime)
+        return nxt
+
+    def previous_before(self, moment: datetime) -> datetime:
+        """The last scheduled time at or before moment."""
+        prev: datetime = croniter(self.cron, moment).get_prev(datetime)
+        return prev
+
+
+def parse(text: str) -> Schedule:
+    """A schedule; ValueError saying what is wrong."""
+    t = " ".join(text.lower().split())
+    m = re.fullmatch(r"hourly(?: :([0-5]\d))?", t)
+    if m:
+        return Schedule(text, f"{int(m.group(1) or 0)} * * * *")
+    m = re.fullmatch(rf"daily(?: {_TIME})?", t)
+    if m:
+        return Schedule(text, f"{int(m.group(2) or 0)} {int(m.group(1) or 0)} * * *")
+    m = re.fullmatch(rf"weekly(?: ([a-z]+) {_TIME})?", t)
+    if m:
+        day = m.group(1) or "sun"
+        if day not in DAYS and day not in _FULL_DAYS:
+            raise ValueError(f"unknown day {m.group(1)!r} (mon, tue, wed, thu, fri, sat, sun)")
+        return Schedule(text, f"{int(m.group(3) or 0)} {int(m.group(2) or 0)} * * {DAYS.index(day[:3])}")
+    m = re.fullmatch(rf"monthly(?: (\d{{1,2}}) {_TIME})?", t)
+    if m:
+        day_of_month = int(m.group(1) or 1)
+        if not 1 <= day_of_month <= 28:
+            raise ValueError("a monthly day must be 1 to 28 (every month has it)")
+        return Schedule(text, f"{int(m.group(3) or 0)} {int(m.group(2) or 0)} {day_of_month} * *")
+    if t.split(" ")[0] in ("hourly", "daily", "weekly", "monthly"):
+        raise ValueError(f"{text!r}: write e.g. 'hourly', 'hourly :15', 'daily 02:00', 'weekly sun 03:00', "
+                         f"'monthly 1 04:00'")  # fmt: skip
+    if len(t.split(" ")) != 5 or not croniter.is_valid(t):
+        raise ValueError(f"{text!r} is neither a cron expression (5 fields: minute hour day month weekday) "
+                         f"nor 'hourly', 'daily HH:MM', 'weekly DAY HH:MM', 'monthly D HH:MM'")  # fmt: skip
+    return Schedule(text, t)

@@ -422,3 +422,20 @@ def test_the_agent_runs_jobs_as_python_dash_m(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "imagechain", "jobs", "run", "x", "--config", str(tmp_path / "none")],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "no job file" in r.stderr
+
+
+def test_the_systemd_units_verify(tmp_path: Path) -> None:
+    """contrib/systemd's agent unit and the timer alternative are units systemd accepts."""
+    import shutil
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    here = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
+    names = {"imagechain-agent.service": "imagechain-agent.service",
+             "imagechain-job@.service": "imagechain-job@nightly.service",
+             "imagechain-job@.timer": "imagechain-job@nightly.timer"}  # fmt: skip
+    for src, dst in names.items():  # the binary where the units expect it, on this machine
+        (tmp_path / dst).write_text((here / src).read_text().replace("/usr/local/bin/imagechain", exe()))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", *(str(tmp_path / d) for d in names.values())],
+                       capture_output=True, text=True, env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})  # fmt: skip
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr

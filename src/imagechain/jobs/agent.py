@@ -105,7 +105,7 @@ class Agent:
             code = r.proc.poll()
             if code is not None:
                 del self.running[name]
-                self.finished.append((name, code))
+                self.finished = [*self.finished[-99:], (name, code)]
                 self.log(f"job {name} ended: {'ok' if code == 0 else f'exit {code}'}")
 
     def step(self, now: float | None = None) -> list[str]:
@@ -117,9 +117,13 @@ class Agent:
             if len(self.running) >= self.config.max_parallel:
                 break
             slot = self.next[job.name]
-            proc = subprocess.Popen(self.command(self.config, job, slot), stdin=subprocess.DEVNULL)
-            self.running[job.name] = Running(job, slot, proc)
             self.next[job.name] = job.schedule.next_after(local(max(slot, now))).timestamp()  # missed: once
+            try:
+                proc = subprocess.Popen(self.command(self.config, job, slot), stdin=subprocess.DEVNULL)
+            except OSError as e:
+                self.log(f"job {job.name} could not start: {e.strerror or e}")
+                continue
+            self.running[job.name] = Running(job, slot, proc)
             started.append(job.name)
             self.log(f"job {job.name} started (slot {local(slot).isoformat(timespec='minutes')}, pid {proc.pid})")
         return started

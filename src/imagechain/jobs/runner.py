@@ -93,7 +93,9 @@ def run_job(job: Job, config: Config, scheduled: float | None = None) -> RunResu
             _run(job, history, res)
             res.result = "ok"
         except Stopped as e:
-            res.result, res.exit_code, res.error = "aborted", e.exit_code, f"stopped by {e.name}; nothing published"
+            res.result, res.exit_code = "aborted", e.exit_code
+            res.error = f"stopped by {e.name}" + (f" after point {res.point_id[:8]} was published" if res.point_id
+                                                  else f"; {e.what}")  # fmt: skip
         except ImagechainError as e:
             res.result, res.exit_code, res.error = "failed", e.exit_code, str(e)
         except Exception as e:  # a bug must still end the run's record, and reach the notification

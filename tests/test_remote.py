@@ -303,3 +303,27 @@ def test_a_reader_opened_before_a_consolidation_reads_on_from_retired(tmp_path: 
         consolidate(res.repo, res.point, cat=res.catalog)
         assert first.point_id not in Repository.open(url).catalog().points
         assert r.read(0, 4096) == head and len(r.read(8192, 65536)) == 65536
+
+
+def test_info_mount_and_export_read_a_remote_point(tmp_path: Path, s3_bucket: str) -> None:
+    """Reading without restoring goes through the same addresses: `info`, a FUSE mount and a qcow2 export
+    of a point that lives in S3."""
+    from .conftest import need_root, need_tool
+    from .test_mount import mounted
+
+    need_root()
+    need_tool("fusermount3", "qemu-img")
+    vol = tmp_path / "vol.img"
+    data = bytearray(write_volume(vol, 6 * MiB, seed=12))
+    url = f"s3://{s3_bucket}/repo"
+    ok("backup", vol, url, "--init")
+    want = change(vol, data, 4)
+    ok("backup", vol, url)
+    info = json.loads(ok("info", f"{url}::default", "--json").stdout)
+    assert info["sequence"] == 1 and info["kind"] == "incremental"
+    with mounted(f"{url}::default", tmp_path / "mnt") as mnt:
+        assert hashlib.sha256((mnt / "disk.img").read_bytes()).hexdigest() == want
+    ok("export", f"{url}::default", tmp_path / "out.qcow2", "--format", "qcow2")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(tmp_path / "out.qcow2"), str(tmp_path / "back.img")],
+                   check=True)  # fmt: skip
+    assert hashlib.sha256((tmp_path / "back.img").read_bytes()).hexdigest() == want

@@ -439,3 +439,16 @@ def test_the_systemd_units_verify(tmp_path: Path) -> None:
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", *(str(tmp_path / d) for d in names.values())],
                        capture_output=True, text=True, env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})  # fmt: skip
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+def test_a_run_whose_process_vanished_shows_as_interrupted(tmp_path: Path) -> None:
+    with History(str(tmp_path / "h.sqlite")) as h:
+        mine = h.start("alive", None)  # this process: still running
+        gone = h.start("killed", None)
+        h.db.execute("UPDATE runs SET pid = ? WHERE id = ?", (2**22 + 4321, gone))  # above pid_max: no such process
+        reused = h.start("reused", None)
+        h.db.execute("UPDATE runs SET pid_start = '1' WHERE id = ?", (reused,))  # our pid, another start time
+        by = {r["job"]: r["result"] for r in h.runs()}
+        assert by == {"alive": "running", "killed": "interrupted", "reused": "interrupted"}
+        h.finish(mine, "ok")
+        assert h.last("alive")["result"] == "ok"  # type: ignore[index]

@@ -186,7 +186,7 @@ def test_a_dead_process_of_this_machine_loses_its_lock(store: LocalStore, holder
     while lock._proc_stat(zombie.pid) is None or lock._proc_stat(zombie.pid)[0] != "Z":  # type: ignore[index]
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    write_lock(store, pid=zombie.pid, pid_start=lock._proc_start(zombie.pid))
+    write_lock(store, pid=zombie.pid, pid_start=lock.proc_start(zombie.pid))
     expect_removed(store, f"pid {zombie.pid} on alpha")
     zombie.wait()
 
@@ -195,7 +195,7 @@ def test_a_dead_process_of_this_machine_loses_its_lock(store: LocalStore, holder
     expect_removed(store, f"pid {os.getpid()} on alpha", "that process is gone")
 
     # this machine has restarted since the lock was last refreshed: whatever its pid is now, that process is gone
-    write_lock(store, pid=os.getpid(), pid_start=lock._proc_start(os.getpid()), boot_id="another-boot",
+    write_lock(store, pid=os.getpid(), pid_start=lock.proc_start(os.getpid()), boot_id="another-boot",
                refreshed_unix=time.time() - 10 * 365 * 86400)  # fmt: skip
     expect_removed(store, "this machine has restarted since")
 
@@ -205,13 +205,13 @@ def test_a_live_process_of_this_machine_keeps_its_lock(store: LocalStore,
     monkeypatch.setattr(lock, "UNREADABLE_GRACE", 0.05)
     sleeper = subprocess.Popen(["sleep", "300"])
     try:
-        write_lock(store, pid=sleeper.pid, pid_start=lock._proc_start(sleeper.pid))
+        write_lock(store, pid=sleeper.pid, pid_start=lock.proc_start(sleeper.pid))
         expect_live(store, f"held by pid {sleeper.pid} on alpha")
-        write_lock(store, pid=os.getpid(), pid_start=lock._proc_start(os.getpid()))
+        write_lock(store, pid=os.getpid(), pid_start=lock.proc_start(os.getpid()))
         expect_live(store, f"held by pid {os.getpid()} on alpha")
         # the same boot id and pid namespace are needed to call a process gone; a lock that does not say
         # (an older version's) is judged by its pid but never removed without asking
-        write_lock(store, pid=sleeper.pid, pid_start=lock._proc_start(sleeper.pid), boot_id=None, pidns=None)
+        write_lock(store, pid=sleeper.pid, pid_start=lock.proc_start(sleeper.pid), boot_id=None, pidns=None)
         expect_live(store)
         write_lock(store, pid=gone_pid(), boot_id=None, pidns=None)
         expect_reported_stale(store, "that process seems gone")
@@ -221,7 +221,7 @@ def test_a_live_process_of_this_machine_keeps_its_lock(store: LocalStore,
         lock_path(store).write_bytes(b'{"host": "al')
         expect_reported_stale(store, "unreadable")
 
-        write_lock(store, pid=sleeper.pid, pid_start=lock._proc_start(sleeper.pid))
+        write_lock(store, pid=sleeper.pid, pid_start=lock.proc_start(sleeper.pid))
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -334,7 +334,7 @@ def test_refresh_stops_when_the_lock_is_taken_over(store: LocalStore, monkeypatc
     lock_path(store).unlink()
     cl = chain_lock(store)
     cl.acquire()
-    theirs = write_lock(store, pid=os.getpid(), pid_start=lock._proc_start(os.getpid()), since="elsewhere")
+    theirs = write_lock(store, pid=os.getpid(), pid_start=lock.proc_start(os.getpid()), since="elsewhere")
     with pytest.raises(LockedError, match="taken over by pid"):
         cl.check()
     cl.release()

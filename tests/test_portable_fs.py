@@ -25,7 +25,7 @@ from imagechain.engine.restore import restore
 from imagechain.engine.verify import verify
 from imagechain.errors import IntegrityError, LockedError
 from imagechain.identity import local_host
-from imagechain.lock import STALE_AFTER, _proc_start
+from imagechain.lock import STALE_AFTER, proc_start
 from imagechain.names import case_collisions, portability_problems
 from imagechain.repository import Repository
 from imagechain.sources import open_source
@@ -529,7 +529,7 @@ def test_live_and_stale_locks(tmp_path: Path, repo: Path, monkeypatch: pytest.Mo
     # a live process of this machine
     sleeper = subprocess.Popen(["sleep", "300"])
     try:
-        lock = _write_lock(repo, vol, pid=sleeper.pid, pid_start=_proc_start(sleeper.pid))
+        lock = _write_lock(repo, vol, pid=sleeper.pid, pid_start=proc_start(sleeper.pid))
         _expect_live(repo, vol, lock)
         r = cli("break-lock", str(repo))  # lists locks
         assert r.returncode == 0 and f"{lock.stem}: live" in r.stdout, r

@@ -37,7 +37,7 @@ from .errors import CredentialsError, ImagechainError, IntegrityError, UsageErro
 from .format import spec
 from .format.reader import PointFiles, PointReader
 from .identity import local_host
-from .keyring import Keyring
+from .keyring import Keyring, read_passphrase_file
 from .limits import Limits
 from .lock import LOCK_DIR, inspect_lock
 from .repository import Repository
@@ -125,14 +125,7 @@ PASSPHRASE_ENV = "IMAGECHAIN_PASSPHRASE"
 def _read_passphrase(file: str | None, env: str = PASSPHRASE_ENV) -> Passphrase | None:
     """From a file (first line) or the environment; never from the command line, where `ps` shows it."""
     if file:
-        try:
-            with open(file, "rb") as f:
-                text = f.readline().rstrip(b"\r\n")
-        except OSError as e:
-            raise UsageError(f"cannot read passphrase file {file}: {e.strerror}") from e
-        if not text:
-            raise UsageError(f"passphrase file {file} is empty")
-        return Passphrase(text)
+        return read_passphrase_file(file)
     value = os.environ.get(env)
     return Passphrase(os.fsencode(value)) if value else None
 

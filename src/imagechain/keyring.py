@@ -155,6 +155,18 @@ class Keyring:
                 f"FILE, or at the prompt)")  # fmt: skip
 
 
+def read_passphrase_file(path: str) -> Passphrase:
+    """The passphrase in a file's first line (a file, never the command line, where `ps` shows it)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.readline().rstrip(b"\r\n")
+    except OSError as e:
+        raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from e
+    if not text:
+        raise UsageError(f"passphrase file {path} is empty")
+    return Passphrase(text)
+
+
 KEY_TABLE = "key_table"  # header metadata of an encrypted merged point (docs/FORMAT.md section 11.1)
 
 

@@ -27,9 +27,10 @@ from datetime import UTC, datetime
 import blake3
 
 from . import interrupts
-from .errors import LockedError, RepositoryError, UsageError
+from .errors import LockedError, RepositoryError
 from .identity import HostIdentity, read_text
 from .mapcache import default_cache_dir
+from .sizes import env_seconds
 from .stores import Store
 
 REFRESH_EVERY = 60.0  # IMAGECHAIN_LOCK_REFRESH overrides it
@@ -42,27 +43,14 @@ BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 MAX_LOCK_BYTES = 1 << 16
 
 
-def _env_seconds(var: str, default: float) -> float:
-    text = os.environ.get(var, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"{var} must be a positive number of seconds, not {text!r}")
-    return value
-
-
 def refresh_every() -> float:
     """Seconds between refreshes of a held lock (read at every wait, so tests can change it)."""
-    return _env_seconds("IMAGECHAIN_LOCK_REFRESH", REFRESH_EVERY)
+    return env_seconds("IMAGECHAIN_LOCK_REFRESH", REFRESH_EVERY)
 
 
 def stale_after() -> float:
     """Seconds a lock we cannot check must stay unchanged, on our clock, before it counts as stale."""
-    return _env_seconds("IMAGECHAIN_LOCK_STALE_AFTER", STALE_AFTER)
+    return env_seconds("IMAGECHAIN_LOCK_STALE_AFTER", STALE_AFTER)
 
 
 def default_seen_dir() -> str:
@@ -106,12 +94,13 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
         return None
 
 
-def _proc_start(pid: int) -> str:
+def proc_start(pid: int) -> str:
+    """A process's start time (clock ticks since boot): with its pid, it names one process."""
     st = _proc_stat(pid)
     return st[1] if st else ""
 
 
-def _process_gone(pid: int, start: str) -> bool:
+def process_gone(pid: int, start: str) -> bool:
     """True only when provably gone from our pid namespace: no such pid, a zombie, or a reused pid."""
     if pid <= 0:
         return False
@@ -232,12 +221,12 @@ def _judge_here(info: dict[str, object]) -> tuple[str, str]:
     if mine and theirs and my_ns and their_ns:
         if my_ns != their_ns:
             return "watch", "in another pid namespace of this machine, where its process cannot be checked"
-        if _process_gone(pid, start):
+        if process_gone(pid, start):
             return "dead", "that process is gone"
         return ("alive", "") if pid > 0 else ("gone?", "the lock names no process")
     # a lock that does not say where its pid lives (or /proc is unreadable): the pid decides, nothing
     # is removed without asking
-    if pid > 0 and not _process_gone(pid, start):
+    if pid > 0 and not process_gone(pid, start):
         return "alive", ""
     return "gone?", "that process seems gone"
 
@@ -323,7 +312,7 @@ class ChainLock:
         stale_after()
         self.info = {
             "host": self.me.name, "machine": self.me.machine, "boot_id": boot_id(), "pidns": pid_namespace(),
-            "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+            "pid": os.getpid(), "pid_start": proc_start(os.getpid()),
             "since": datetime.now(UTC).isoformat(timespec="seconds"), "what": self.what,
             "command": " ".join(sys.argv[:3]), **({"source": self.source} if self.source else {}),
         }  # fmt: skip

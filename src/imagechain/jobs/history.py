@@ -7,15 +7,14 @@ signal: nothing was published). A row still `running` whose process is gone is s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from ..errors import UsageError
+from ..lock import boot_id, proc_start, process_gone
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -26,6 +25,7 @@ CREATE TABLE IF NOT EXISTS runs (
     ended REAL,
     result TEXT NOT NULL,      -- running, ok, failed, aborted
     pid INTEGER,
+    pid_start TEXT,            -- with pid and boot: which process runs it (lock.process_gone)
     boot TEXT,
     point_id TEXT,
     kind TEXT,
@@ -39,28 +39,13 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, started);
 """
-COLUMNS = ("id", "job", "scheduled", "started", "ended", "result", "pid", "boot", "point_id", "kind", "bytes_read",
-           "bytes_changed", "bytes_stored", "duration_s", "exit_code", "error", "detail")  # fmt: skip
+COLUMNS = ("id", "job", "scheduled", "started", "ended", "result", "pid", "pid_start", "boot", "point_id", "kind",
+           "bytes_read", "bytes_changed", "bytes_stored", "duration_s", "exit_code", "error", "detail")  # fmt: skip
 
 
-def _boot() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int | None, boot: str | None) -> bool:
-    if not pid or (boot and boot != _boot()):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _alive(pid: int | None, start: str | None, boot: str | None) -> bool:
+    """Whether the process that started a run still runs it (this boot, that pid, that start time)."""
+    return bool(pid) and boot == boot_id() and not process_gone(int(pid or 0), start or "")
 
 
 class History:
@@ -84,8 +69,9 @@ class History:
         self.close()
 
     def start(self, job: str, scheduled: float | None) -> int:
-        cur = self.db.execute("INSERT INTO runs (job, scheduled, started, result, pid, boot) VALUES (?, ?, ?, ?, ?, ?)",
-                              (job, scheduled, time.time(), "running", os.getpid(), _boot()))  # fmt: skip
+        cur = self.db.execute("INSERT INTO runs (job, scheduled, started, result, pid, pid_start, boot) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?)", (job, scheduled, time.time(), "running", os.getpid(),
+                                                               proc_start(os.getpid()), boot_id()))  # fmt: skip
         assert cur.lastrowid is not None
         return cur.lastrowid
 
@@ -122,17 +108,9 @@ class History:
     @staticmethod
     def _row(r: tuple[Any, ...]) -> dict[str, Any]:
         d = dict(zip(COLUMNS, r, strict=True))
-        if d["result"] == "running" and not _alive(d["pid"], d["boot"]):
+        if d["result"] == "running" and not _alive(d["pid"], d["pid_start"], d["boot"]):
             d["result"] = "interrupted"
         d["detail"] = json.loads(d["detail"]) if d["detail"] else {}
         d.pop("boot")
+        d.pop("pid_start")
         return d
-
-
-@contextlib.contextmanager
-def opened(path: str) -> Iterator[History]:
-    h = History(path)
-    try:
-        yield h
-    finally:
-        h.close()

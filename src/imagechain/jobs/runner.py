@@ -13,14 +13,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from ..codec import CodecParams
 from ..crypto import Passphrase, load_identity, load_recipient
 from ..engine.backup import backup
 from ..engine.prune import prune
 from ..engine.replicate import replicate
-from ..errors import ImagechainError, UsageError
+from ..errors import ImagechainError
 from ..identity import local_host
 from ..interrupts import Stopped
-from ..keyring import Keyring
+from ..keyring import Keyring, read_passphrase_file
 from ..repository import Repository
 from ..sources import open_source
 from . import notify
@@ -44,22 +47,11 @@ class RunResult:
                 "kind": self.kind, "exit_code": self.exit_code, "error": self.error, **self.detail}  # fmt: skip
 
 
-def read_passphrase(path: str) -> Passphrase:
-    try:
-        with open(path, "rb") as f:
-            text = f.readline().rstrip(b"\r\n")
-    except OSError as e:
-        raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from e
-    if not text:
-        raise UsageError(f"passphrase file {path} is empty")
-    return Passphrase(text)
-
-
-def _keys(job: Job) -> tuple[Keyring, Passphrase | Any | None]:
+def _keys(job: Job) -> tuple[Keyring, Passphrase | X25519PublicKey | None]:
     """The keyring a job's chain opens with, and what a new chain of it is encrypted with."""
-    pw = read_passphrase(job.passphrase_file) if job.passphrase_file else None
+    pw = read_passphrase_file(job.passphrase_file) if job.passphrase_file else None
     ident = load_identity(job.identity) if job.identity else None
-    encrypt: Passphrase | Any | None = None
+    encrypt: Passphrase | X25519PublicKey | None = None
     if job.encryption == "passphrase":
         encrypt = pw
     elif job.encryption == "recipient":
@@ -116,7 +108,8 @@ def _run(job: Job, history: History, res: RunResult) -> None:
     ring, encrypt = _keys(job)
     full = _full_due(job, history, time.time())
     b = backup(job.source, job.repository, chain=job.chain, full=full, block_size=job.block_size,
-               codec=_codec(job), host=local_host(job.host) if job.host else None, source_name=job.source_name,
+               codec=CodecParams.parse(job.compression) if job.compression else None,
+               host=local_host(job.host) if job.host else None, source_name=job.source_name,
                allow_mounted=job.allow_mounted, init=job.init, limits=job.limits, encrypt=encrypt, keyring=ring,
                snapshot=job.snapshot)  # fmt: skip
     res.point_id, res.kind = b.point_id, b.kind
@@ -139,9 +132,3 @@ def _run(job: Job, history: History, res: RunResult) -> None:
                                      "bytes_copied": r.bytes_copied}  # fmt: skip
 
 
-def _codec(job: Job) -> Any:
-    if job.compression is None:
-        return None
-    from ..codec import CodecParams
-
-    return CodecParams.parse(job.compression)

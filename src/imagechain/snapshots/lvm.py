@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import lock
 from ..errors import SnapshotError
 
 TAG = "imagechain_snapshot"
@@ -44,11 +45,8 @@ def run_lvm(args: list[str]) -> str:
 
 
 def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip().replace("-", "")
-    except OSError:
-        return "unknown"
+    """This boot's id as an LVM tag carries it (no dashes)."""
+    return lock.boot_id().replace("-", "") or "unknown"
 
 
 @dataclass(frozen=True)
@@ -111,13 +109,7 @@ def remove_leftovers(vg: str, note: Callable[[str], None], run: Runner = run_lvm
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return not lock.process_gone(pid, "")
 
 
 class Snapshot:

@@ -116,9 +116,16 @@ class Store(ABC):
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Create name with data unless it exists; False when it exists. Used for locks."""
 
-    @abstractmethod
     def replace(self, name: str, data: bytes) -> None:
-        """Atomically replace a small file's content (lock refresh, markers)."""
+        """Atomically replace a small file's content (lock refresh, markers): written under a temporary and
+        committed over it; stores that replace objects atomically anyway (S3) do it in one request."""
+        w = self.create(name)
+        try:
+            w.write(data)
+            w.commit()
+        except BaseException:
+            w.abort()
+            raise
 
     @abstractmethod
     def exists(self, name: str) -> bool: ...

@@ -349,15 +349,6 @@ class LocalStore(Store):
         finally:
             os.close(fd)
 
-    def replace(self, name: str, data: bytes) -> None:
-        w = self.create(name)
-        try:
-            w.write(data)
-            w.commit()
-        except BaseException:
-            w.abort()
-            raise
-
     def filesystem(self) -> str:
         return filesystem_of(self.root)
 

@@ -348,15 +348,6 @@ class SftpStore(Store):
 
         self._once(f"rename {name}", op)
 
-    def replace(self, name: str, data: bytes) -> None:
-        w = self.create(name)
-        try:
-            w.write(data)
-            w.commit()
-        except BaseException:
-            w.abort()
-            raise
-
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Written whole under a temporary name, then hard-linked to name (hardlink@openssh.com: atomic,
         refused when the name exists, so only one of any number of racing machines wins). Servers without

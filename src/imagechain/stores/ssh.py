@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote, urlsplit
 import paramiko
 
 from ..errors import CredentialsError, RepositoryError, UsageError
+from ..sizes import env_seconds
 from .sftp_wire import _Lost, _Sftp, _Status
 
 CONNECT_TIMEOUT = 15.0  # IMAGECHAIN_SSH_TIMEOUT overrides it
@@ -130,16 +131,7 @@ def resolve_host(t: _Target) -> _Host:
 
 
 def ssh_timeout() -> float:
-    text = os.environ.get("IMAGECHAIN_SSH_TIMEOUT", "").strip()
-    if not text:
-        return CONNECT_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise UsageError(f"IMAGECHAIN_SSH_TIMEOUT must be a positive number of seconds, not {text!r}")
-    return value
+    return env_seconds("IMAGECHAIN_SSH_TIMEOUT", CONNECT_TIMEOUT)
 
 
 def _accept_new() -> bool:

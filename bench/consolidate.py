@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,20 +24,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchlib import drop, ic  # noqa: E402
+
 from tests.conftest import write_volume  # noqa: E402
 
 MiB = 1 << 20
-
-
-def ic() -> str:
-    here = Path(sys.executable).parent / "imagechain"
-    return str(here) if here.exists() else shutil.which("imagechain") or "imagechain"
-
-
-def drop() -> None:
-    os.sync()
-    if os.geteuid() == 0:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def main() -> None:

@@ -28,21 +28,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchlib import drop, ic  # noqa: E402
+
 from tests.conftest import write_volume  # noqa: E402
 from tests.s3server import MotoServer, client, new_bucket  # noqa: E402
 
 MiB = 1 << 20
-
-
-def ic() -> str:
-    here = Path(sys.executable).parent / "imagechain"
-    return str(here) if here.exists() else shutil.which("imagechain") or "imagechain"
-
-
-def drop() -> None:
-    os.sync()
-    if os.geteuid() == 0:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def run(*args: object, env: dict[str, str] | None = None) -> tuple[float, dict[str, Any]]:

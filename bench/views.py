@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import socket
 import statistics
 import subprocess
@@ -28,19 +26,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchlib import drop, ic  # noqa: E402
+
 from tests.conftest import write_volume  # noqa: E402
 
 MiB = 1 << 20
-
-
-def ic() -> str:
-    here = Path(sys.executable).parent / "imagechain"
-    return str(here) if here.exists() else shutil.which("imagechain") or "imagechain"
-
-
-def drop() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def timed(cmd: list[str]) -> float:

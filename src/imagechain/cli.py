@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable
 from datetime import datetime
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import click
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -602,6 +602,21 @@ def change_passphrase_cmd(target: str, passphrase_file: str | None, new_passphra
                f"({r.sealed} key slots sealed, {r.cleared} old ones cleared)")  # fmt: skip
 
 
+class _Reported(Protocol):
+    notices: list[str]
+
+    def as_dict(self) -> dict[str, object]: ...
+
+
+def _notices_or_json(r: _Reported, as_json: bool) -> bool:
+    """A maintenance command's notices on stderr, and with --json its result on stdout (True: that is all)."""
+    for n in r.notices:
+        click.echo(f"notice: {n}", err=True)
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=1))
+    return as_json
+
+
 @main.command()
 @click.argument("point")
 @click.option("--from", "from_point", metavar="POINT", help="First point of the run to merge (default: the chain's "
@@ -617,10 +632,7 @@ def consolidate(point: str, from_point: str | None, as_json: bool, passphrase_fi
     res = open_point(point)
     r = run_consolidate(res.repo, res.point, cat=res.catalog, from_address=from_point,
                         keyring=_keyring(passphrase_file, identity))  # fmt: skip
-    for n in r.notices:
-        click.echo(f"notice: {n}", err=True)
-    if as_json:
-        click.echo(json.dumps(r.as_dict(), indent=1))
+    if _notices_or_json(r, as_json):
         return
     click.echo(f"merged {len(r.replaced)} points into {r.kind} point {r.point_id[:8]}: {r.copied_payloads} "
                f"payloads ({human(r.stored_bytes)}) copied as stored, {len(r.retired_files)} file(s) retired, "
@@ -657,10 +669,7 @@ def prune(target: str, keep_last: int, keep_hourly: int, keep_daily: int, keep_w
         cat = repo.catalog()
         gens = list(cat.generations().values())
     r = run_prune(repo, gens, policy, cat=cat, dry_run=dry_run, keyring=_keyring(passphrase_file, identity, ask=False))
-    for n in r.notices:
-        click.echo(f"notice: {n}", err=True)
-    if as_json:
-        click.echo(json.dumps(r.as_dict(), indent=1))
+    if _notices_or_json(r, as_json):
         return
     for m in r.merges:
         click.echo(f"{'would merge' if dry_run else 'merged'} {', '.join(describe(p) for p in m.remove)} into "
@@ -682,10 +691,7 @@ def replicate(src: str, dst: str, chains: tuple[str, ...], init: bool, as_json: 
     from .engine.replicate import replicate as run_replicate
 
     r = run_replicate(Repository.open(src), Repository.open(dst, create=init), chains=chains)
-    for n in r.notices:
-        click.echo(f"notice: {n}", err=True)
-    if as_json:
-        click.echo(json.dumps(r.as_dict(), indent=1))
+    if _notices_or_json(r, as_json):
         return
     click.echo(f"copied {len(r.copied)} point(s) ({human(r.bytes_copied)}), {r.skipped} already there, "
                f"{r.duration_s:.1f} s")  # fmt: skip

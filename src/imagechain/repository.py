@@ -42,10 +42,7 @@ class Repository:
             store = open_store(location)
             if not store.root_exists():
                 if not create:
-                    check = getattr(store, "check_bucket", None)
-                    if check is not None:
-                        check()  # a missing bucket says so
-                    raise RepositoryError(f"repository not found: {location}; {how}")
+                    raise RepositoryError(store.missing_root() or f"repository not found: {location}; {how}")
                 store.make_root()
             return cls._marked(cls(store, location), create, how)
         path = local_path(location)

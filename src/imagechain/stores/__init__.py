@@ -12,11 +12,6 @@ from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry, temp
 from .local import LocalStore
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-SCHEMES = ("file", "sftp", "s3")
-
-
-def is_url(location: str) -> bool:
-    return _URL.match(location) is not None
 
 
 def is_remote(location: str) -> bool:
@@ -58,5 +53,5 @@ def parent_location(location: str) -> tuple[str, str]:
     return head or "/", name
 
 
-__all__ = ["SCHEMES", "TEMP_MARK", "AtomicWriter", "LocalStore", "RandomReader", "Store", "StoreEntry",
-           "is_remote", "is_url", "local_path", "open_store", "parent_location", "temporary_of"]  # fmt: skip
+__all__ = ["TEMP_MARK", "AtomicWriter", "LocalStore", "RandomReader", "Store", "StoreEntry", "is_remote",
+           "local_path", "open_store", "parent_location", "temporary_of"]  # fmt: skip

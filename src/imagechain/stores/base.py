@@ -84,6 +84,10 @@ class Store(ABC):
         """Whether the folder (prefix, bucket) the store is rooted at exists."""
         return True
 
+    def missing_root(self) -> str | None:
+        """When root_exists() is False: a line saying what is missing, if more than the folder (a bucket)."""
+        return None
+
     @abstractmethod
     def make_root(self) -> None:
         """Create the root folder for `imagechain init`; stores whose root cannot be made here raise."""

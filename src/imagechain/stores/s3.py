@@ -445,10 +445,15 @@ class S3Store(Store):
         with contextlib.suppress(_Expected):
             self._call("create_bucket", None, expect=("BucketAlreadyOwnedByYou",), **kw)
 
+    def missing_root(self) -> str | None:
+        if self.bucket_exists():
+            return None
+        return f"bucket not found: {self.bucket} (for {self.url} at {self.endpoint})"
+
     def check_bucket(self) -> None:
-        """For Repository.open: a missing bucket is one clear line, not 'not a repository'."""
-        if not self.bucket_exists():
-            raise RepositoryError(f"bucket not found: {self.bucket} (for {self.url} at {self.endpoint})")
+        why = self.missing_root()
+        if why:
+            raise RepositoryError(why)
 
     # -- writing --------------------------------------------------------------------------------------
 

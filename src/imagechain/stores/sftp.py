@@ -188,8 +188,6 @@ class SftpStore(Store):
 
         self._retry("create the repository folder", op)
 
-    ensure_root = make_root
-
     def _make_dirs(self, c: _Sftp, path: str, stop: str | None) -> None:
         """mkdir -p of path, creating nothing at or above stop (the repository's folder: a missing one is
         a repository not found, not one to make up)."""

@@ -40,7 +40,7 @@ from .identity import local_host
 from .keyring import Keyring, read_passphrase_file
 from .limits import Limits
 from .lock import LOCK_DIR, inspect_lock
-from .repository import Repository
+from .repository import EXTENSION, Repository
 from .sizes import human, parse_duration, parse_size
 from .snapshots import MODES, SnapshotOptions
 from .snapshots.apps import APPS
@@ -532,7 +532,7 @@ def restore(point: str, dest: str, delta: bool, force: bool, salvage: bool, over
 @handle_errors
 def verify(target: str, passphrase_file: str | None, identity: str | None, as_json: bool) -> None:
     """Verify a whole repository, or one point: structure, checksums, links and every block digest."""
-    if "::" not in target and (os.path.isdir(target) or (is_remote(target) and not target.endswith(".icimg"))):
+    if "::" not in target and (os.path.isdir(target) or (is_remote(target) and not target.endswith(EXTENSION))):
         repo, only, cat = Repository.open(target), None, None
     else:
         res = open_point(target)

@@ -11,15 +11,9 @@ import traceback
 from collections.abc import Callable
 from datetime import datetime
 from functools import wraps
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import click
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichBar
-from rich.table import Table
-from rich.text import Text
 
 from . import __version__, interrupts
 from .address import open_point
@@ -46,18 +40,38 @@ from .snapshots import MODES, SnapshotOptions
 from .snapshots.apps import APPS
 from .stores import is_remote
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # pipes: never wrap tables
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from rich.console import Console
+    from rich.progress import Progress as RichBar
+
+
+class _LazyConsole:
+    """A rich Console made on first use: importing rich is a good part of start-up on a cold cache, and
+    most runs of a script (--json, no terminal) print a line or nothing."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+    def real(self) -> Console:
+        """The Console itself, for rich objects that take one."""
+        self.__getattr__("print")
+        assert self._console is not None
+        return self._console
+
+
+err = cast("Console", _LazyConsole(stderr=True, highlight=False))
+out = cast("Console", _LazyConsole(highlight=False, width=None if sys.stdout.isatty() else 200))  # pipes: never wrap
 F = TypeVar("F", bound=Callable[..., Any])
 LOCK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}")
-
-
-class _BinaryRate(ProgressColumn):
-    """Transfer rate in the binary units every other figure of the tool uses."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("?" if speed is None else f"{human(speed)}/s", style="progress.data.speed")
 
 
 class BarProgress:
@@ -71,8 +85,20 @@ class BarProgress:
     def start(self, label: str, total: int) -> None:
         if not self.enabled:
             return
+        from rich.progress import BarColumn, DownloadColumn, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichBar
+        from rich.text import Text
+
+        class _BinaryRate(ProgressColumn):
+            """Transfer rate in the binary units every other figure of the tool uses."""
+
+            def render(self, task: Task) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text("?" if speed is None else f"{human(speed)}/s", style="progress.data.speed")
+
         self._bar = RichBar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                            _BinaryRate(), TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
+                            _BinaryRate(), TimeRemainingColumn(), console=cast(_LazyConsole, err).real(),
+                            transient=True)  # fmt: skip
         self._bar.start()
         self._task = self._bar.add_task(label, total=total)
 
@@ -347,6 +373,8 @@ def list_(repo: str, as_json: bool) -> None:
         return
     if not rows and not cat.damaged:
         out.print(f"no points in {repo}")
+    from rich.table import Table
+
     for pts, gen_tips, gen in zip(rows, tips, gens, strict=True):
         first = pts[0]
         host8 = gen[0].header.host_id.hex()[:8]  # two machines may share a host name

@@ -26,14 +26,9 @@ import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import blake3
-from argon2.low_level import Type, hash_secret_raw
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import CredentialsError, IntegrityError, UsageError
 
@@ -46,6 +41,31 @@ TAG = 16
 # Argon2id: ~0.3 s and 128 MiB on one of this project's 2-core machines, once per chain and run
 ARGON2_TIME, ARGON2_MEMORY_KIB, ARGON2_LANES = 3, 128 << 10, 2
 _SLOT_AAD = b"imagechain-keyslot-v1\0"
+
+# cryptography and argon2 are imported where they are used: they cost about 0.07 s of every run's start-up
+# on a cold cache, and most runs (plain chains) never use them
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+
+def _aesgcm(key: bytes) -> AESGCM:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
+def raw_public(key: X25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def public_key(raw: bytes) -> X25519PublicKey:
+    """An X25519 public key from its 32 bytes (ValueError if they are not one)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    return X25519PublicKey.from_public_bytes(raw)
 # nonce suffixes (after a u64 counter) of the things sealed under a point's keys
 N_PAYLOAD, N_FRAME, N_DIRECTORY, N_SUMMARY, N_KEY_TABLE = 0, 1, 2, 3, 4
 KEY_TABLE_ENTRY = 48  # point id (16) + that point's data key (32)
@@ -93,7 +113,7 @@ class PointKeys:
                 key = self.data_key
             else:
                 key = _derive("index", self.digest_key, self.point_id.bytes)
-            c = self._aead[which] = AESGCM(key)
+            c = self._aead[which] = _aesgcm(key)
         return c
 
     # payloads: under the point's data key
@@ -102,6 +122,8 @@ class PointKeys:
 
     def open_payload(self, block: int, codec: int, sealed: bytes | memoryview, key: int = 0) -> bytes:
         """key: the index entry's key field (0 for every point but a merged one)."""
+        from cryptography.exceptions import InvalidTag
+
         if key == 0:
             cipher, sealer = self._cipher("data"), self.point_id
         else:
@@ -132,6 +154,8 @@ class PointKeys:
         return self._cipher("data").encrypt(_nonce(0, N_KEY_TABLE), raw, b"key table\0" + self.point_id.bytes)
 
     def with_key_table(self, sealed: bytes) -> PointKeys:
+        from cryptography.exceptions import InvalidTag
+
         try:
             raw = self._cipher("data").decrypt(_nonce(0, N_KEY_TABLE), sealed, b"key table\0" + self.point_id.bytes)
         except InvalidTag as e:
@@ -147,6 +171,8 @@ class PointKeys:
         return self._cipher("index").encrypt(_nonce(counter, kind), data, self.point_id.bytes)
 
     def open_meta(self, counter: int, kind: int, sealed: bytes, what: str) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
         try:
             return self._cipher("index").decrypt(_nonce(counter, kind), sealed, self.point_id.bytes)
         except InvalidTag as e:
@@ -180,10 +206,15 @@ class Passphrase:
 
 
 def _argon2(secret: bytes, salt: bytes, t: int, m: int, p: int) -> bytes:
+    from argon2.low_level import Type, hash_secret_raw
+
     return hash_secret_raw(secret, salt, time_cost=t, memory_cost=m, parallelism=p, hash_len=32, type=Type.ID)
 
 
 def _recipient_key(shared: bytes, eph_pub: bytes, rec_pub: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(hashes.SHA256(), 32, eph_pub + rec_pub, b"imagechain-keyslot-v1").derive(shared)
 
 
@@ -215,18 +246,19 @@ def seal_slot_passphrase(chain_id: uuid.UUID, point_id: uuid.UUID, keys: bytes, 
     head = struct.pack("<B3x16sIII4x", SLOT_PASSPHRASE, salt, t, m, p)
     nonce = os.urandom(12)
     kek = _KEKS.get(passphrase.secret, salt, t, m, p)
-    sealed = AESGCM(kek).encrypt(nonce, keys, _slot_aad(chain_id, point_id, head))
+    sealed = _aesgcm(kek).encrypt(nonce, keys, _slot_aad(chain_id, point_id, head))
     return (head + nonce + sealed).ljust(SLOT_SIZE, b"\0")
 
 
 def seal_slot_recipient(chain_id: uuid.UUID, point_id: uuid.UUID, keys: bytes, recipient: X25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     eph = X25519PrivateKey.generate()
-    eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    rec_pub = recipient.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    eph_pub, rec_pub = raw_public(eph.public_key()), raw_public(recipient)
     head = struct.pack("<B3x32s", SLOT_RECIPIENT, eph_pub)
     nonce = os.urandom(12)
     wrap = _recipient_key(eph.exchange(recipient), eph_pub, rec_pub)
-    sealed = AESGCM(wrap).encrypt(nonce, keys, _slot_aad(chain_id, point_id, head))
+    sealed = _aesgcm(wrap).encrypt(nonce, keys, _slot_aad(chain_id, point_id, head))
     return (head + nonce + sealed).ljust(SLOT_SIZE, b"\0")
 
 
@@ -241,6 +273,8 @@ def slot_salt(slot: bytes) -> bytes | None:
 def open_slot(chain_id: uuid.UUID, point_id: uuid.UUID, slot: bytes, passphrase: Passphrase | None,
               identity: X25519PrivateKey | None) -> bytes | None:  # fmt: skip
     """The 64 key bytes (data key, digest key) a slot seals, or None when what was given does not open it."""
+    from cryptography.exceptions import InvalidTag
+
     kind = slot_kind(slot)
     head, nonce, sealed = slot[:36], slot[36:48], slot[48 : 48 + 64 + TAG]
     if kind == SLOT_PASSPHRASE and passphrase is not None:
@@ -250,16 +284,16 @@ def open_slot(chain_id: uuid.UUID, point_id: uuid.UUID, slot: bytes, passphrase:
         wrap = _KEKS.get(passphrase.secret, salt, t, m, p)
     elif kind == SLOT_RECIPIENT and identity is not None:
         eph_pub = head[4:36]
-        rec_pub = identity.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        rec_pub = raw_public(identity.public_key())
         try:
-            shared = identity.exchange(X25519PublicKey.from_public_bytes(eph_pub))
+            shared = identity.exchange(public_key(eph_pub))
         except ValueError:
             return None
         wrap = _recipient_key(shared, eph_pub, rec_pub)
     else:
         return None
     try:
-        return AESGCM(wrap).decrypt(nonce, sealed, _slot_aad(chain_id, point_id, head))
+        return _aesgcm(wrap).decrypt(nonce, sealed, _slot_aad(chain_id, point_id, head))
     except InvalidTag:
         return None
 
@@ -275,10 +309,13 @@ _PUBLIC, _SECRET = "imagechain-x25519-public", "imagechain-x25519-secret"
 
 def generate_identity(path: str) -> str:
     """Write a new X25519 key pair: PATH (secret, mode 0600) and PATH.pub. Returns the public key's path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     key = X25519PrivateKey.generate()
     raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                             serialization.NoEncryption())  # fmt: skip
-    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    pub = raw_public(key.public_key())
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as e:
@@ -311,13 +348,15 @@ def _read_key(path: str, kind: str) -> bytes:
 
 
 def load_recipient(path: str) -> X25519PublicKey:
-    return X25519PublicKey.from_public_bytes(_read_key(path, _PUBLIC))
+    return public_key(_read_key(path, _PUBLIC))
 
 
 def load_identity(path: str) -> X25519PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     return X25519PrivateKey.from_private_bytes(_read_key(path, _SECRET))
 
 
 def fingerprint(key: X25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = raw_public(key)
     return blake3.blake3(raw).hexdigest()[:16]

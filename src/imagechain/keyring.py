@@ -13,9 +13,7 @@ import struct
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from typing import TYPE_CHECKING
 
 from .crypto import (
     ARGON2_LANES,
@@ -30,6 +28,8 @@ from .crypto import (
     header_mac_key,
     new_key,
     open_slot,
+    public_key,
+    raw_public,
     seal_slot_passphrase,
     seal_slot_recipient,
     slot_kind,
@@ -38,6 +38,9 @@ from .crypto import (
 from .errors import CredentialsError, IntegrityError, UsageError
 from .format import spec
 from .format.reader import PointFiles
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 KEYSTORE_ENV = "IMAGECHAIN_KEYSTORE"
 DEFAULT_KEYSTORE = "/var/lib/imagechain/keys"
@@ -185,6 +188,7 @@ def keys_for_new_point(ring: Keyring, chain_id: uuid.UUID, point_id: uuid.UUID, 
     """The keys and key slots of a new point: a full point of a chain started with `encrypt`, or an
     incremental of an encrypted chain (it inherits the parent's mode, passphrase salt or recipient). None
     for a plaintext point."""
+    given = None if encrypt is None or isinstance(encrypt, Passphrase) else encrypt  # a recipient's public key
     if parent is not None:
         if not parent.header.encrypted:
             if encrypt is not None:
@@ -195,8 +199,7 @@ def keys_for_new_point(ring: Keyring, chain_id: uuid.UUID, point_id: uuid.UUID, 
         digest_key = pk.digest_key
         recipient_b64 = parent.header.metadata.get("recipient")
         kinds = [slot_kind(s) for s in slots(parent.header.key_material)]
-        if (isinstance(encrypt, Passphrase) and recipient_b64) or (isinstance(encrypt, X25519PublicKey) and \
-                SLOT_PASSPHRASE in kinds):  # fmt: skip
+        if (isinstance(encrypt, Passphrase) and recipient_b64) or (given is not None and SLOT_PASSPHRASE in kinds):
             raise UsageError("the chain is encrypted in the other mode (passphrase or recipient); it keeps its "
                              "mode until a new chain starts (--full)")  # fmt: skip
     else:
@@ -208,11 +211,9 @@ def keys_for_new_point(ring: Keyring, chain_id: uuid.UUID, point_id: uuid.UUID, 
     both = data_key + digest_key
     meta: dict[str, object] = {}
     remember: Callable[[], None] = lambda: None  # noqa: E731
-    if recipient_b64 is not None or isinstance(encrypt, X25519PublicKey):
-        rec = encrypt if isinstance(encrypt, X25519PublicKey) else X25519PublicKey.from_public_bytes(
-            base64.b64decode(str(recipient_b64)))  # fmt: skip
-        raw = rec.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        meta = {"recipient": base64.b64encode(raw).decode(), "recipient_fingerprint": fingerprint(rec)}
+    if recipient_b64 is not None or given is not None:
+        rec = given if given is not None else public_key(base64.b64decode(str(recipient_b64)))
+        meta = {"recipient": base64.b64encode(raw_public(rec)).decode(), "recipient_fingerprint": fingerprint(rec)}
         slot = seal_slot_recipient(chain_id, point_id, both, rec)
         if ring.store.get(chain_id) != digest_key:
             def remember() -> None:

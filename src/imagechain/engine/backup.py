@@ -6,15 +6,16 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import blake3
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from .. import __version__, interrupts
 from ..address import select
@@ -40,6 +41,9 @@ from ..stores import Store, StoreEntry, is_remote, local_path, temporary_of
 from ..usage import Usage, volume_usage
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 DEFAULT_BLOCK_SIZE = 64 << 10
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 4 << 10, 16 << 20
@@ -135,7 +139,7 @@ class _Chunk:
     kinds: np.ndarray
     digests: np.ndarray
     changed: np.ndarray  # indices (within the chunk) of blocks that differ from the parent
-    payloads: list[tuple[int, bytes | memoryview]]  # for changed DATA blocks, in order
+    payloads: list[tuple[int, bytes]]  # for changed DATA blocks, in order (never views of the read buffer)
     raw_changed: int
     read: int  # bytes read from the source
 
@@ -595,13 +599,33 @@ class _Pipe:
     guard: Callable[[], None] | None = None  # raises once the snapshot being read no longer holds
 
 
-def _read(src: Source, bs: int, item: _Item, rate: RateLimiter | None = None) -> tuple[bytearray, int]:
-    """The item's blocks that the filesystem uses, read in runs into one buffer (unused ones stay zero);
-    then dropped from the page cache, so a backup does not evict what the host keeps cached."""
+class _Buffers:
+    """Chunk buffers kept for reuse: a fresh 8 MiB buffer per chunk costs its page faults and zeroing, which
+    on a fast disk is a good part of the kernel time of a backup. Nothing may keep a view of a buffer once
+    its chunk is done (raw payloads are copied out)."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        with self._lock:
+            if self._free and len(self._free[-1]) >= size:
+                return self._free.pop()
+        return bytearray(max(size, CHUNK_BYTES))
+
+    def give(self, buf: bytearray) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+def _read(src: Source, bs: int, item: _Item, buf: bytearray, rate: RateLimiter | None = None) -> tuple[memoryview, int]:
+    """The item's blocks that the filesystem uses, read in runs into buf (what lies between them there is
+    stale and never looked at: those blocks are UNUSED); then dropped from the page cache, so a backup does
+    not evict what the host keeps cached."""
     off = item.start * bs
     length = min(item.blocks * bs, src.size - off)
-    buf = bytearray(length)
-    view = memoryview(buf)
+    view = memoryview(buf)[:length]
     if item.used is None or item.used.all():
         runs = [(0, length)]
     else:
@@ -614,7 +638,7 @@ def _read(src: Source, bs: int, item: _Item, rate: RateLimiter | None = None) ->
                 rate.take(n)
             src.read_into(off + a, view[a : a + n])
     src.drop_cache(off, length)
-    return buf, sum(n for _, n in runs)
+    return view, sum(n for _, n in runs)
 
 
 def _run(
@@ -633,20 +657,32 @@ def _run(
     def digest(block: memoryview) -> bytes:
         return blake3.blake3(block).digest() if keys is None else keys.digest(block)
 
-    def work(item: _Item) -> _Chunk:
-        """Read (workers read in parallel, so the device always has several requests queued), then find
-        zero blocks, digest the rest, compare with the parent map and compress what changed."""
+    buffers = _Buffers()
+
+    def loaded(items: Iterator[_Item]) -> Iterator[tuple[_Item, bytearray | None, int]]:
+        """Read in one thread, in volume order: one sequential stream lets the kernel's readahead keep the
+        device busy, where workers reading chunks side by side made it seek between them (measured on the
+        benchmark volume: 1.7-2.0 s against 2.2 s for the same used data, hashed)."""
+        for item in items:
+            if item.hole:
+                yield item, None, 0
+                continue
+            buf = buffers.take(min(item.blocks * bs, size - item.start * bs))
+            _view, nread = _read(src, bs, item, buf, pipe.read_rate)
+            yield item, buf, nread
+
+    def work(job: tuple[_Item, bytearray | None, int]) -> _Chunk:
+        """Find zero blocks, digest the rest, compare with the parent map and compress what changed."""
+        item, buf, nread = job
         start, n = item.start, item.blocks
         vol_bytes = min(n * bs, size - start * bs)
         kinds = np.full(n, spec.BLOCK_DATA, np.uint8)
-        data: bytearray | None = None
-        nread = 0
-        if item.hole:
+        data: memoryview | None = None
+        if buf is None:
             kinds[:] = spec.BLOCK_ZERO
             digests = np.zeros((n, 32), np.uint8)
         else:
-            data, nread = _read(src, bs, item, pipe.read_rate)
-            mv = memoryview(data)
+            data = mv = memoryview(buf)[:vol_bytes]
             nfull = len(data) // bs
             if nfull:
                 words = np.frombuffer(data, np.uint64, count=nfull * bs // 8).reshape(nfull, -1)
@@ -678,8 +714,15 @@ def _run(
             raw += ln
             if kinds[j] == spec.BLOCK_DATA:
                 assert data is not None
-                c, payload = encode(codec, memoryview(data)[j * bs : j * bs + ln])
-                payloads.append((c, payload if keys is None else keys.seal_payload(start + j, c, payload)))
+                c, payload = encode(codec, data[j * bs : j * bs + ln])
+                if keys is not None:
+                    payload = keys.seal_payload(start + j, c, payload)
+                elif isinstance(payload, memoryview):
+                    payload = bytes(payload)  # the buffer is read into again once this chunk is done
+                payloads.append((c, payload))
+        if buf is not None:
+            del data, mv
+            buffers.give(buf)
         return _Chunk(start, kinds, digests, idx, payloads, raw, nread)
 
     state = StateHasher(size, bs)
@@ -689,9 +732,12 @@ def _run(
     # outlives the backup or touches the source after it is closed; one worker more than there are cores,
     # so that a worker waiting for the disk leaves none of them idle; at most two chunks per worker in flight
     # unless the buffer memory is bounded tighter
-    depth = pipe.depth or pipe.threads * 2 + 2
-    feed = prefetch(_items(src, bs, pmap, forced, used), 3, pipe.init)
-    results = ordered_map(work, feed, min(pipe.threads + 1, depth), depth, pipe.init)
+    depth = pipe.depth or pipe.threads * 2 + 6
+    # read ahead of the workers by a few chunks (the disk never waits for a hash), within the bound on chunks
+    # in memory: measured on the benchmark volume, 4 chunks ahead read the used data 8% faster than 1
+    ahead = min(4, max(1, depth // 3))
+    feed = prefetch(loaded(_items(src, bs, pmap, forced, used)), ahead, pipe.init)
+    results = ordered_map(work, feed, min(pipe.threads, depth), max(1, depth - ahead - 1), pipe.init)
     try:
         for ch in results:
             if pipe.guard is not None:

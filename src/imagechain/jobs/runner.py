@@ -11,9 +11,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from ..codec import CodecParams
 from ..crypto import Passphrase, load_identity, load_recipient
@@ -29,6 +27,9 @@ from ..sources import open_source
 from . import notify
 from .config import Config, Job
 from .history import History
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 
 @dataclass

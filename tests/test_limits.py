@@ -205,3 +205,47 @@ def test_buffer_memory_bounds_peak_memory(tmp_path: Path, repo: Path) -> None:
     bounded, default = peak("--buffer-memory", "32M"), peak()
     assert bounded < default - 24 * MiB, (bounded >> 20, default >> 20)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+@pytest.mark.parametrize("buffer_memory, threads", [(32 * MiB, 2), (64 * MiB, 2), (0, 3)])
+def test_chunk_buffers_stay_within_the_bound(tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch,
+                                             buffer_memory: int, threads: int) -> None:  # fmt: skip
+    """The reader thread reads ahead into reused chunk buffers; however far ahead it may read, it never
+    holds more buffers than the chunks --buffer-memory allows (the smallest bound allows one), and the
+    point still restores bit-exact."""
+    import imagechain.engine.backup as engine
+    from imagechain.address import open_point
+    from imagechain.engine.restore import restore
+
+    lock = threading.Lock()
+    seen = {"now": 0, "max": 0, "limit": 0}
+    init, take, give = engine._Buffers.__init__, engine._Buffers.take, engine._Buffers.give
+
+    def counted_init(self, limit):  # type: ignore[no-untyped-def]
+        seen["limit"] = limit
+        init(self, limit)
+
+    def counted_take(self, size):  # type: ignore[no-untyped-def]
+        buf = take(self, size)
+        with lock:
+            seen["now"] += 1
+            seen["max"] = max(seen["max"], seen["now"])
+        return buf
+
+    def counted_give(self, buf):  # type: ignore[no-untyped-def]
+        with lock:
+            seen["now"] -= 1
+        give(self, buf)
+
+    monkeypatch.setattr(engine._Buffers, "__init__", counted_init)
+    monkeypatch.setattr(engine._Buffers, "take", counted_take)
+    monkeypatch.setattr(engine._Buffers, "give", counted_give)
+    vol = tmp_path / "vol.img"
+    data = write_volume(vol, 80 * MiB, seed=5, zero_fraction=0.1)
+    backup(str(vol), str(repo), threads=threads, limits=Limits(buffer_memory=buffer_memory) if buffer_memory else None)
+    expected = buffer_memory // (2 * engine.CHUNK_BYTES) - 1 if buffer_memory else threads * 2 + 6
+    assert seen["limit"] == expected
+    assert 1 <= seen["max"] <= expected
+    res = open_point(f"{repo}::default@latest")
+    restore(res.repo, res.point, str(tmp_path / "out.img"))
+    assert (tmp_path / "out.img").read_bytes() == data

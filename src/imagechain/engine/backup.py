@@ -592,23 +592,33 @@ class _Pipe:
     """How the pipeline runs: workers, chunks in flight, what each thread does first, the read rate."""
 
     threads: int
-    depth: int  # chunks in flight at most; 0: two per worker
+    depth: int  # chunks in memory at most; 0: two per worker and six more (read ahead, waiting)
     init: Callable[[], None] | None = None
     read_rate: RateLimiter | None = None
     keys: PointKeys | None = None  # an encrypted point's: keyed digests, sealed payloads
     guard: Callable[[], None] | None = None  # raises once the snapshot being read no longer holds
 
 
-class _Buffers:
-    """Chunk buffers kept for reuse: a fresh 8 MiB buffer per chunk costs its page faults and zeroing, which
-    on a fast disk is a good part of the kernel time of a backup. Nothing may keep a view of a buffer once
-    its chunk is done (raw payloads are copied out)."""
+class _Closed(Exception):
+    """The backup ended while the reader waited for a buffer."""
 
-    def __init__(self) -> None:
+
+class _Buffers:
+    """Chunk buffers, at most `limit` of them (the bound on chunks in memory), kept for reuse: a fresh 8 MiB
+    buffer per chunk costs its page faults and zeroing, which on a fast disk is a good part of the kernel
+    time of a backup. Nothing may keep a view of a buffer once its chunk is done (raw payloads are copied
+    out)."""
+
+    def __init__(self, limit: int) -> None:
         self._free: list[bytearray] = []
         self._lock = threading.Lock()
+        self._slots = threading.Semaphore(limit)
+        self._closed = False
 
     def take(self, size: int) -> bytearray:
+        while not self._slots.acquire(timeout=0.1):
+            if self._closed:
+                raise _Closed
         with self._lock:
             if self._free and len(self._free[-1]) >= size:
                 return self._free.pop()
@@ -617,6 +627,10 @@ class _Buffers:
     def give(self, buf: bytearray) -> None:
         with self._lock:
             self._free.append(buf)
+        self._slots.release()
+
+    def close(self) -> None:
+        self._closed = True
 
 
 def _read(src: Source, bs: int, item: _Item, buf: bytearray, rate: RateLimiter | None = None) -> tuple[memoryview, int]:
@@ -657,7 +671,8 @@ def _run(
     def digest(block: memoryview) -> bytes:
         return blake3.blake3(block).digest() if keys is None else keys.digest(block)
 
-    buffers = _Buffers()
+    depth = pipe.depth or pipe.threads * 2 + 6
+    buffers = _Buffers(depth)
 
     def loaded(items: Iterator[_Item]) -> Iterator[tuple[_Item, bytearray | None, int]]:
         """Read in one thread, in volume order: one sequential stream lets the kernel's readahead keep the
@@ -732,7 +747,6 @@ def _run(
     # outlives the backup or touches the source after it is closed; one worker more than there are cores,
     # so that a worker waiting for the disk leaves none of them idle; at most two chunks per worker in flight
     # unless the buffer memory is bounded tighter
-    depth = pipe.depth or pipe.threads * 2 + 6
     # read ahead of the workers by a few chunks (the disk never waits for a hash), within the bound on chunks
     # in memory: measured on the benchmark volume, 4 chunks ahead read the used data 8% faster than 1
     ahead = min(4, max(1, depth // 3))
@@ -772,6 +786,7 @@ def _run(
             st.read_bytes += ch.read
             progress.advance(min(n * bs, size - ch.start * bs))
     finally:
+        buffers.close()
         results.close()
         feed.close()
         progress.stop()

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 from imagechain.address import open_point
@@ -106,3 +107,32 @@ def test_reused_read_buffers_never_leak_into_stored_blocks(tmp_path: Path, repo:
         out = tmp_path / f"out{sel[1:]}.img"
         restore(res.repo, res.point, str(out))
     assert (tmp_path / "outlatest.img").read_bytes() == bytes(data)
+
+
+def test_zero_blocks_are_found_exactly(tmp_path: Path, repo: Path) -> None:
+    """Zero detection looks at a block's first and last words before scanning it whole: blocks that are
+    zero there but not in between, or that hold a single non-zero byte anywhere, must stay DATA; only
+    all-zero blocks become ZERO (not stored), and every block restores as it was."""
+    from imagechain.format.reader import PointReader
+
+    bs = 64 << 10
+    data = bytearray(os.urandom(64 * bs))
+    zero = [3, 4, 10, 63]
+    for b in zero:
+        data[b * bs : (b + 1) * bs] = bytes(bs)
+    near = {20: bs // 2, 21: 8, 22: bs - 9, 23: 0, 24: bs - 1}  # block: offset of its one non-zero byte
+    for b, off in near.items():
+        data[b * bs : (b + 1) * bs] = bytes(bs)
+        data[b * bs + off] = 1
+    data[30 * bs : 31 * bs] = bytes(bs)
+    data[30 * bs + 100 : 30 * bs + 200] = b"z" * 100  # zero first and last words, data in between
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(data)
+    r = backup(str(vol), str(repo), block_size=bs)
+    res = open_point(f"{repo}::default@latest")
+    with PointReader(res.repo.store, res.point) as pr:
+        assert pr.summary()["zero_blocks"] == len(zero)
+    assert r.stored_bytes < len(data) - (len(zero) - 1) * bs
+    out = tmp_path / "out.img"
+    restore(res.repo, res.point, str(out))
+    assert out.read_bytes() == bytes(data)

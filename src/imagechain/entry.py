@@ -3,6 +3,7 @@ SIGTERM in the first instant ends with one line and exit 128 + signal, never a t
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -20,6 +21,9 @@ def run() -> None:
         # comes out as an ImportError with a traceback, not as the stop it was
         with interrupts.deferred():
             from .cli import main
+        # what the imports made lives until exit: keep the cyclic garbage collector from walking it again
+        # and again while a backup allocates (1.5% of a backup's CPU time went to those walks)
+        gc.freeze()
     except KeyboardInterrupt as e:
         stop = interrupts.as_stopped(e)
         sys.stderr.write(f"imagechain: interrupted ({stop.name}) while starting; nothing was done\n")

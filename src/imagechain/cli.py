@@ -23,10 +23,6 @@ from .crypto import Passphrase, generate_identity, load_identity, load_recipient
 from .damage import DamageRecord
 from .engine.backup import backup as run_backup
 from .engine.backup import check_block_size, check_split_size
-from .engine.rekey import change_passphrase
-from .engine.restore import partition_window
-from .engine.restore import restore as run_restore
-from .engine.verify import verify as run_verify
 from .errors import CredentialsError, ImagechainError, IntegrityError, UsageError
 from .format import spec
 from .format.reader import PointFiles, PointReader
@@ -531,6 +527,9 @@ def restore(point: str, dest: str, delta: bool, force: bool, salvage: bool, over
             as_json: bool) -> None:  # fmt: skip
     """Restore POINT to DEST (a file or block device), bit for bit."""
     res = open_point(point, salvage=salvage)
+    from .engine.restore import partition_window
+    from .engine.restore import restore as run_restore
+
     window = partition_window(res.point.header, partition) if partition is not None else None
     bar = BarProgress(not as_json)
     for p in res.catalog.lineage(res.point):
@@ -565,6 +564,8 @@ def verify(target: str, passphrase_file: str | None, identity: str | None, as_js
     else:
         res = open_point(target)
         repo, only, cat = res.repo, res.point, res.catalog
+    from .engine.verify import verify as run_verify
+
     report = run_verify(repo, only, progress=BarProgress(not as_json), cat=cat,
                         keyring=_keyring(passphrase_file, identity, ask=False))  # fmt: skip
     if as_json:
@@ -622,6 +623,8 @@ def change_passphrase_cmd(target: str, passphrase_file: str | None, new_passphra
     points = [p for p in res.catalog.points.values() if p.header.chain_id == chain_id]
     old = _read_passphrase(passphrase_file) or _ask("old passphrase", False)()
     new = _read_passphrase(new_passphrase_file, "IMAGECHAIN_NEW_PASSPHRASE") or _ask("new passphrase", True)()
+    from .engine.rekey import change_passphrase
+
     r = change_passphrase(res.repo, points, old, new)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=1))

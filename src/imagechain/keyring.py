@@ -8,7 +8,6 @@ import base64
 import contextlib
 import json
 import os
-import secrets
 import struct
 import uuid
 from collections.abc import Callable, Iterable
@@ -70,7 +69,7 @@ class KeyStore:
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
             path = self._path(chain_id)
-            tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+            tmp = f"{path}.tmp-{os.urandom(4).hex()}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shlex
 import sys
 import threading
@@ -186,7 +185,7 @@ def _unchanged_for(seen_dir: str, store: Store, name: str, content: bytes) -> fl
     except (OSError, ValueError, AttributeError):
         pass
     rec = {"store": store.url, "lock": name, "digest": digest, "first_seen": now}
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+    tmp = f"{path}.tmp-{os.urandom(4).hex()}"
     try:
         os.makedirs(seen_dir, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:

@@ -8,7 +8,6 @@ point's state digest before use; a map that does not prove is ignored and rebuil
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 import time
 import uuid
@@ -93,7 +92,7 @@ class MapWriter:
         try:
             os.makedirs(folder, exist_ok=True)
             _remove_old_temporaries(folder)
-            self.tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}.map")
+            self.tmp = os.path.join(folder, f".tmp-{os.urandom(6).hex()}.map")
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.pwrite(self.fd, HEAD.pack(MAGIC, volume_size, block_size, self.n), 0)
         except OSError:

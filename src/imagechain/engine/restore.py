@@ -13,7 +13,6 @@ import errno
 import fcntl
 import itertools
 import os
-import secrets
 import stat
 import struct
 import time
@@ -354,7 +353,7 @@ class Target:
         except FileNotFoundError:
             _refuse_repository_file(path, None, repo)
             folder = os.path.dirname(os.path.abspath(path))
-            tmp = os.path.join(folder, f"{os.path.basename(path)}{TEMP_MARK}{secrets.token_hex(4)}")
+            tmp = os.path.join(folder, f"{os.path.basename(path)}{TEMP_MARK}{os.urandom(4).hex()}")
             try:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as e:

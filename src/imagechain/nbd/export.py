@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import shutil
 import subprocess
 import time
@@ -63,7 +62,7 @@ def export(repo: Repository, point: PointFiles, out: str, fmt: str, *, cat: Cata
     view = PointView(repo, point, cat=cat, keyring=keyring, threads=threads)
     server = NbdServer(view, log=errors.append)
     folder, base = os.path.split(os.path.abspath(out))
-    tmp = os.path.join(folder, f"{base}{TEMP_MARK}{secrets.token_hex(4)}")
+    tmp = os.path.join(folder, f"{base}{TEMP_MARK}{os.urandom(4).hex()}")
     proc: subprocess.Popen[str] | None = None
     try:
         uri = server.start_background()

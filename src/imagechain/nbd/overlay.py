@@ -19,7 +19,6 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -267,7 +266,7 @@ def _create_record(rec: str, size: int, point_id: uuid.UUID, nbytes: int) -> Non
     """The record appears whole, by rename, or not at all."""
     head = json.dumps({"format": FORMAT, "point_id": str(point_id), "volume_size": size, "granule": GRANULE,
                        "created": datetime.now(UTC).isoformat(timespec="seconds")}).encode()  # fmt: skip
-    tmp = f"{rec}{TEMP_MARK}{secrets.token_hex(4)}"
+    tmp = f"{rec}{TEMP_MARK}{os.urandom(4).hex()}"
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:

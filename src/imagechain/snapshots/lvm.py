@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,7 +119,7 @@ class Snapshot:
         self.volume = volume
         self.size = size
         self.run = run
-        self.lv = f"{volume.lv[:80]}-icsnap-{secrets.token_hex(4)}"
+        self.lv = f"{volume.lv[:80]}-icsnap-{os.urandom(4).hex()}"
         self.made = False
 
     @property

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import struct
 
 from ..errors import SnapshotError
@@ -27,7 +26,7 @@ def _anonymous_file(folder: str) -> int:
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
-    name = os.path.join(folder, f".imagechain-clone-{secrets.token_hex(8)}")
+    name = os.path.join(folder, f".imagechain-clone-{os.urandom(8).hex()}")
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     os.unlink(name)
     return fd

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 
@@ -99,7 +98,7 @@ class _LocalWriter(AtomicWriter):
         self.name = name
         self._store = store
         self._final = store.path(name)
-        self._tmp = f"{self._final}{TEMP_MARK}{secrets.token_hex(4)}"
+        self._tmp = f"{self._final}{TEMP_MARK}{os.urandom(4).hex()}"
         try:
             _make_dirs(os.path.dirname(self._final))
             self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
@@ -282,7 +281,7 @@ class LocalStore(Store):
             _make_dirs(os.path.dirname(p))
         except OSError as e:
             _raise_io(e, name)
-        tmp = f"{p}{TEMP_MARK}{secrets.token_hex(4)}"
+        tmp = f"{p}{TEMP_MARK}{os.urandom(4).hex()}"
         try:
             self._write_new(tmp, data, name)
             try:

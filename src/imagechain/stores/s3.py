@@ -15,7 +15,6 @@ import errno
 import itertools
 import math
 import os
-import secrets
 import threading
 import time
 from collections import deque
@@ -532,7 +531,7 @@ class S3Store(Store):
         """A conditional PutObject (If-None-Match: *) tagged with a token of this call: refused, it still
         counts as ours when the object bears our token (a retried request whose first attempt succeeded
         meets its own object). Equal content would not do: two racers may well send the same bytes."""
-        token = secrets.token_hex(16)
+        token = os.urandom(16).hex()
         for attempt in range(CONFLICT_RETRIES):
             try:
                 self._put(name, data, expect=("PreconditionFailed", "Conflict", "ConditionalRequestConflict"),

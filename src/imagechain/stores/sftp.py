@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import secrets
+import os
 import stat
 import struct
 import threading
@@ -358,7 +358,7 @@ class SftpStore(Store):
     def _create_exclusive(self, c: _Sftp, name: str, data: bytes) -> bool:
         self._parent_dirs(c, name)
         path = self.path(name)
-        tmp = f"{path}{TEMP_MARK}{secrets.token_hex(4)}"
+        tmp = f"{path}{TEMP_MARK}{os.urandom(4).hex()}"
         try:
             self._write_new(c, tmp, data, name)
             try:
@@ -498,7 +498,7 @@ class _SftpWriter(AtomicWriter):
         self.name = name
         self._store = store
         self._final = store.path(name)
-        self._tmp = f"{self._final}{TEMP_MARK}{secrets.token_hex(4)}"
+        self._tmp = f"{self._final}{TEMP_MARK}{os.urandom(4).hex()}"
         self._buf = bytearray()
         self._flight: deque[_Reply] = deque()
         self._pos = self._sent = 0

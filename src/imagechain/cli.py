@@ -50,18 +50,16 @@ class _LazyConsole:
         self._options = options
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def real(self) -> Console:
+        """The Console itself (made now if need be), for rich objects that take one."""
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._options)
-        return getattr(self._console, name)
-
-    def real(self) -> Console:
-        """The Console itself, for rich objects that take one."""
-        self.__getattr__("print")
-        assert self._console is not None
         return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
 
 
 err = cast("Console", _LazyConsole(stderr=True, highlight=False))

@@ -66,6 +66,8 @@ def public_key(raw: bytes) -> X25519PublicKey:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
     return X25519PublicKey.from_public_bytes(raw)
+
+
 # nonce suffixes (after a u64 counter) of the things sealed under a point's keys
 N_PAYLOAD, N_FRAME, N_DIRECTORY, N_SUMMARY, N_KEY_TABLE = 0, 1, 2, 3, 4
 KEY_TABLE_ENTRY = 48  # point id (16) + that point's data key (32)

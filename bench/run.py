@@ -355,6 +355,7 @@ class Bench:
         self.img = self.work / "volume.img"
         self.mnt = self.work / "mnt"
         self.tmp = self.work / "tmp"
+        self.held = self.work / "held"  # repeated incrementals: earlier ones moved aside, the first map linked
         self.size: int = args.size
         self.bs: int = args.block_bytes  # imagechain's block size for both chains (and the used-block maps)
         self.steps: list[Step] = []
@@ -753,7 +754,7 @@ class Bench:
         repo = w / "repo-imagechain"
         for p in (repo, w / "repo-borg", w / "repo-restic", w / "borg-home", w / "restic-cache",
                   w / "imagechain-map-cache", w / "restore-borg", w / "restore-restic",
-                  self.mnt, self.tmp):  # fmt: skip
+                  self.mnt, self.tmp, self.held):  # fmt: skip
             if p.exists():
                 shutil.rmtree(p)
         for p in w.glob("*.img"):
@@ -825,17 +826,28 @@ class Bench:
 
         self.cold_read("read1/baseline", "cold read (changed)")
         cache = Path(self.env["IMAGECHAIN_CACHE"])
-        saved = self.work / "map-cache-before-incremental"
-        shutil.copytree(cache, saved)  # the parent's map, as the first incremental finds it
+        held = self.held
+        held.mkdir()
+        # the parent's map as the first incremental finds it, hard-linked: the root filesystem may discard
+        # freed blocks, which on a virtual disk slows the reads that follow, so nothing is deleted in between
+        first_maps = {p.name for p in cache.iterdir()}
+        for name in first_maps:
+            os.link(cache / name, held / name)
         ij: dict[str, Any] = {}
         for i in range(1, a.repeat + 1):
             # floor and incremental in pairs: this machine's disk drifts by more than what is measured
             tag = "" if i == 1 else f"#{i}"
-            if i > 1:  # the same incremental again: the previous one's point and map cache undone
-                for f in ij["files"]:
-                    (repo / f).unlink()
-                shutil.rmtree(cache)
-                shutil.copytree(saved, cache)
+            if i > 1:  # the same incremental again: the previous one's point and map moved aside, the map back
+                aside = held / f"incremental-{i - 1}"
+                aside.mkdir()
+                for n, f in enumerate(ij["files"]):
+                    (repo / f).rename(aside / f"{n}-{Path(f).name}")
+                for p in cache.iterdir():
+                    if p.name not in first_maps:
+                        p.rename(aside / p.name)
+                for name in first_maps:
+                    if not (cache / name).exists():
+                        os.link(held / name, cache / name)
             self.cold_read_used(f"readu1/baseline{tag}", f"cold read (used){' ' + tag if tag else ''}",
                                 self.work / "used-changed.npy")  # fmt: skip
             inc = self.timed(f"incr/imagechain{tag}", f"incremental backup{' ' + tag if tag else ''}", "imagechain",
@@ -847,7 +859,6 @@ class Bench:
                 notes.append(f"SUSPICIOUS: backup {i} after the change was {ij['kind']} #{ij['sequence']}, "
                              f"not the first incremental")  # fmt: skip
             self.check_map(inc, used1, notes)
-        shutil.rmtree(saved)
         inc = next(s for s in self.steps if s.key == "incr/imagechain")
         iall = self.timed("incr/imagechain-all", "incremental (all blocks)", "imagechain",
                           [self.ic("backup", str(self.img), str(repo), "--chain", "allblocks", "--all-blocks",
@@ -1177,7 +1188,7 @@ class Bench:
         w = self.work
         for p in (w / "repo-imagechain", w / "repo-borg", w / "repo-restic", w / "borg-home", w / "restic-cache",
                   w / "imagechain-map-cache", w / "restore-borg", w / "restore-restic",
-                  self.mnt, self.tmp):  # fmt: skip
+                  self.mnt, self.tmp, self.held):  # fmt: skip
             shutil.rmtree(p, ignore_errors=True)
         for pat in ("*.img", "*.zst", "*.npy"):
             for p in w.glob(pat):

@@ -1071,16 +1071,19 @@ class Bench:
                  for t in ["", *(f"#{i}" for i in range(2, self.args.repeat + 1))]
                  if f"incr/imagechain{t}" in by and f"readu1/baseline{t}" in by]  # fmt: skip
         if pairs:
-            # the pair with the median ratio: each incremental against the floor measured right before it
-            pairs.sort(key=lambda p: p[0].wall_s / p[1].wall_s)
-            mi, mr = pairs[len(pairs) // 2]
-            label = "incremental / cold read (used)" + (f", median of {len(pairs)}" if len(pairs) > 1 else "")
-            ratio_check("incremental_over_cold_read_used", label, mi.wall_s, mr.wall_s, "s", 1.3)
+            # the check is the first pair, measured as in every earlier run; the repeats are reported beside it:
+            # in two runs the repeated cold reads came out 1.7x slower than the first, for no reason found
+            fi, fr = pairs[0]
+            ratio_check("incremental_over_cold_read_used", "incremental / cold read (used)", fi.wall_s, fr.wall_s,
+                        "s", 1.3)  # fmt: skip
             if len(pairs) > 1:
+                ratios = sorted(p[0].wall_s / p[1].wall_s for p in pairs)
                 checks["incremental_over_cold_read_used"]["pairs"] = [
                     [round(p[0].wall_s, 3), round(p[1].wall_s, 3)] for p in pairs]  # fmt: skip
-                lines.append("info:  incremental / cold read (used), each pair: " + ", ".join(
-                    f"{p[0].wall_s:.2f}/{p[1].wall_s:.2f}" for p in pairs))  # fmt: skip
+                checks["incremental_over_cold_read_used"]["median_of_pairs"] = round(ratios[len(ratios) // 2], 3)
+                lines.append("info:  incremental / cold read (used), each pair in order: " + ", ".join(
+                    f"{p[0].wall_s:.2f}/{p[1].wall_s:.2f}" for p in pairs)
+                    + f"; median ratio {ratios[len(ratios) // 2]:.2f}")  # fmt: skip
         if inc and read:
             ratio_check("incremental_over_cold_read", "incremental / cold read (whole volume)", inc.wall_s,
                         read.wall_s, "s", 1.3)  # fmt: skip
@@ -1164,13 +1167,12 @@ class Bench:
                 if k in by and "duration_s" in by[k].extra]  # fmt: skip
         if over:
             lines.append(f"info:  imagechain time outside its engine timer (start-up, exit): {', '.join(over)}")
-        eng = sorted((p[0].extra["duration_s"] / p[1].wall_s, p) for p in pairs if "duration_s" in p[0].extra)
-        if eng:
-            r, (ei, er) = eng[len(eng) // 2]
+        if pairs and "duration_s" in pairs[0][0].extra:
+            ei, er = pairs[0]
+            r = ei.extra["duration_s"] / er.wall_s
             checks["incremental_engine_over_cold_read_used"] = {"value": round(r, 3)}
             lines.append(f"info:  incremental engine time / cold read (used) = {ei.extra['duration_s']:.2f} / "
-                         f"{er.wall_s:.2f} s = {r:.2f} (without process start-up"
-                         f"{', median of ' + str(len(eng)) if len(eng) > 1 else ''})")  # fmt: skip
+                         f"{er.wall_s:.2f} s = {r:.2f} (without process start-up)")  # fmt: skip
         noisy = [f"{s.step}/{s.tool} ({s.others_cpu_s:.1f} s: {', '.join(s.others) or 'kernel/irq/steal'})"
                  for s in self.steps if s.others_cpu_s > 0.1 * s.wall_s]  # fmt: skip
         if noisy:

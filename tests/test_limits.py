@@ -249,3 +249,26 @@ def test_chunk_buffers_stay_within_the_bound(tmp_path: Path, repo: Path, monkeyp
     res = open_point(f"{repo}::default@latest")
     restore(res.repo, res.point, str(tmp_path / "out.img"))
     assert (tmp_path / "out.img").read_bytes() == data
+
+
+@pytest.mark.parametrize("value, ok", [("", True), ("2.5", True), ("0", False), ("-1", False), ("nan", False),
+                                       ("inf", False), ("soon", False)])  # fmt: skip
+def test_seconds_and_numbers_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str, ok: bool) -> None:
+    """Lock timings, the SSH timeout and the S3 settings all read numbers from the environment through one
+    helper; a value out of range is one usage error that names the variable and what it expected."""
+    from imagechain.sizes import env_seconds
+    from imagechain.stores.s3 import _env_number
+
+    monkeypatch.setenv("IMAGECHAIN_TEST_SECONDS", value)
+    if ok:
+        assert env_seconds("IMAGECHAIN_TEST_SECONDS", 7.0) == (float(value) if value else 7.0)
+    else:
+        with pytest.raises(UsageError, match=r"IMAGECHAIN_TEST_SECONDS must be a positive number of seconds, not "):
+            env_seconds("IMAGECHAIN_TEST_SECONDS", 7.0)
+    monkeypatch.setenv("IMAGECHAIN_TEST_NUMBER", value)
+    in_range = value == "" or (value.replace(".", "").isdigit() and 1 <= float(value) <= 64)
+    if in_range:
+        assert _env_number("IMAGECHAIN_TEST_NUMBER", 4, 1, 64) == (float(value) if value else 4)
+    else:
+        with pytest.raises(UsageError, match=r"IMAGECHAIN_TEST_NUMBER must be a number from 1 to 64, not "):
+            _env_number("IMAGECHAIN_TEST_NUMBER", 4, 1, 64)

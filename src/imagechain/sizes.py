@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 
 from .errors import UsageError
 
@@ -30,8 +31,9 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def env_seconds(var: str, default: float) -> float:
-    """A positive number of seconds from the environment variable var (tests shorten waits so)."""
+def env_number(var: str, default: float, ok: Callable[[float], bool], expected: str) -> float:
+    """A number from the environment variable var, or default when it is unset; a value `ok` refuses (or
+    no number at all) is a usage error saying what was expected."""
     text = os.environ.get(var, "").strip()
     if not text:
         return default
@@ -39,9 +41,14 @@ def env_seconds(var: str, default: float) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"{var} must be a positive number of seconds, not {text!r}")
+    if not ok(value):
+        raise UsageError(f"{var} must be {expected}, not {text!r}")
     return value
+
+
+def env_seconds(var: str, default: float) -> float:
+    """A positive number of seconds from the environment variable var (tests shorten waits so)."""
+    return env_number(var, default, lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
 
 
 _SECONDS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600}

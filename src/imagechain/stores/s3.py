@@ -13,7 +13,6 @@ import base64
 import contextlib
 import errno
 import itertools
-import math
 import os
 import threading
 import time
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 import crc32c
 
 from ..errors import CredentialsError, ImagechainError, NoSpaceError, RepositoryError, UsageError
+from ..sizes import env_number
 from .base import AtomicWriter, RandomReader, Store, StoreEntry
 
 MiB = 1 << 20
@@ -77,16 +77,7 @@ def parse_url(url: str) -> tuple[str, str]:
 
 
 def _env_number(var: str, default: float, lo: float, hi: float) -> float:
-    text = os.environ.get(var, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not lo <= value <= hi:
-        raise UsageError(f"{var} must be a number from {lo:g} to {hi:g}, not {text!r}")
-    return value
+    return env_number(var, default, lambda v: lo <= v <= hi, f"a number from {lo:g} to {hi:g}")
 
 
 def _crc32c(data: bytes | bytearray) -> str:

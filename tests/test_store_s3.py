@@ -18,6 +18,7 @@ import crc32c
 import pytest
 
 from imagechain.errors import CredentialsError, NoSpaceError, RepositoryError
+from imagechain.repository import Repository
 from imagechain.stores import s3 as s3mod
 from imagechain.stores.s3 import S3Store, parse_url
 
@@ -371,7 +372,7 @@ def test_missing_bucket(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch, 
     store = S3Store("s3://ic-no-such-bucket/repo")
     assert not store.bucket_exists() and not store.root_exists()
     with pytest.raises(RepositoryError, match="bucket not found: ic-no-such-bucket") as e:
-        store.check_bucket()
+        Repository.open("s3://ic-no-such-bucket/repo")  # the line Store.missing_root gives
     assert "s3://ic-no-such-bucket/repo" in one_line(e)
     for call in (lambda: list(store.list()), lambda: store.replace("x", b"1"), lambda: store.read("x", 0, 1)):
         with pytest.raises(RepositoryError, match="bucket not found") as e:

@@ -389,7 +389,7 @@ class S3Store(Store):
         return self._head(name)[0]
 
     def exists(self, name: str) -> bool:
-        """False also when the bucket is missing (a HEAD cannot tell): see check_bucket."""
+        """False also when the bucket is missing (a HEAD cannot tell): see missing_root."""
         try:
             self._head(name)
         except FileNotFoundError:
@@ -439,11 +439,6 @@ class S3Store(Store):
         if self.bucket_exists():
             return None
         return f"bucket not found: {self.bucket} (for {self.url} at {self.endpoint})"
-
-    def check_bucket(self) -> None:
-        why = self.missing_root()
-        if why:
-            raise RepositoryError(why)
 
     # -- writing --------------------------------------------------------------------------------------
 

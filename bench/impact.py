@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchlib import drop
+
 HERE = Path(__file__).resolve().parent
 POLITE = "--io-priority idle --cpu-priority 19 --threads 1 --max-read-rate 150M --max-write-rate 60M"
 MiB = 1 << 20
@@ -42,11 +44,6 @@ def log(msg: str) -> None:
 
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def parse_size(text: str) -> int:
@@ -142,7 +139,7 @@ class Impact:
         for step in ("full", "incremental"):
             for polite in (False, True):
                 name = f"{step}-{'polite' if polite else 'default'}"
-                drop_caches()
+                drop(required=True)
                 with self.fio(name) as (f0, prefix):
                     time.sleep(self.args.settle)
                     b = self.backup(repo, "polite" if polite else "default", polite)
@@ -213,7 +210,7 @@ class Impact:
         with self.cgroup() as cg:
             for name, cmd in passes.items():
                 shutil.rmtree(repo, ignore_errors=True)
-                drop_caches()
+                drop(required=True)
                 warm = self.inside(cg, ["dd", f"if={hot}", "of=/dev/null", "bs=1M", "status=none"])
                 hot_before = self.cached(hot)
                 t_pass = self.inside(cg, cmd)

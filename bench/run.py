@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import drop, ic
 
 SEED = 20251124
 FILL = 0.55  # live data, as a share of the filesystem (df's "used", metadata included)
@@ -75,12 +76,6 @@ def run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv))} failed ({p.returncode}): {p.stderr.strip() or p.stdout}")
     return p
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def cpu_busy_s() -> float:
@@ -361,9 +356,7 @@ class Bench:
         self.steps: list[Step] = []
         self.mounts = Mounts()
         self.results: dict[str, Any] = {}
-        venv_bin = Path(sys.executable).parent
-        ic = venv_bin / "imagechain"
-        self.imagechain = str(ic) if ic.exists() else (shutil.which("imagechain") or "imagechain")
+        self.imagechain = ic()
         self.env = dict(os.environ)
         # keep imagechain's block-map cache (used by incrementals, default on) inside the work dir
         self.env["IMAGECHAIN_CACHE"] = str(self.work / "imagechain-map-cache")
@@ -379,7 +372,7 @@ class Bench:
         slug = key.replace("/", "-")
         before = tree_bytes(grows) if grows else 0
         waited = self.wait_quiet()
-        drop_caches()
+        drop(required=True)
         errf = open(self.logs / f"{slug}.stderr", "wb")  # noqa: SIM115 - closed below
         out = open(stdout or os.devnull, "wb")  # noqa: SIM115
         procs: list[subprocess.Popen[bytes]] = []
@@ -786,7 +779,7 @@ class Bench:
         # Settle: the freshly written image may still be on its way to the (virtual) disk below us, which
         # makes the first cold read after the build erratic. One untimed cold read, which also hashes the
         # volume for the checks, lets that finish.
-        drop_caches()
+        drop(required=True)
         t = time.perf_counter()
         d0, _ = masked_digests(self.img, self.bs, {"all": None, "used0": used0})
         self.results["volume"]["settle_read_s"] = round(time.perf_counter() - t, 2)

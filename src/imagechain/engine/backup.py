@@ -633,10 +633,10 @@ class _Buffers:
         self._closed = True
 
 
-def _read(src: Source, bs: int, item: _Item, buf: bytearray, rate: RateLimiter | None = None) -> tuple[memoryview, int]:
+def _read(src: Source, bs: int, item: _Item, buf: bytearray, rate: RateLimiter | None = None) -> int:
     """The item's blocks that the filesystem uses, read in runs into buf (what lies between them there is
     stale and never looked at: those blocks are UNUSED); then dropped from the page cache, so a backup does
-    not evict what the host keeps cached."""
+    not evict what the host keeps cached. Returns the bytes read."""
     off = item.start * bs
     length = min(item.blocks * bs, src.size - off)
     view = memoryview(buf)[:length]
@@ -652,7 +652,7 @@ def _read(src: Source, bs: int, item: _Item, buf: bytearray, rate: RateLimiter |
                 rate.take(n)
             src.read_into(off + a, view[a : a + n])
     src.drop_cache(off, length)
-    return view, sum(n for _, n in runs)
+    return sum(n for _, n in runs)
 
 
 def _run(
@@ -683,8 +683,7 @@ def _run(
                 yield item, None, 0
                 continue
             buf = buffers.take(min(item.blocks * bs, size - item.start * bs))
-            _view, nread = _read(src, bs, item, buf, pipe.read_rate)
-            yield item, buf, nread
+            yield item, buf, _read(src, bs, item, buf, pipe.read_rate)
 
     def work(job: tuple[_Item, bytearray | None, int]) -> _Chunk:
         """Find zero blocks, digest the rest, compare with the parent map and compress what changed."""

@@ -137,30 +137,35 @@ class SpecReader:
         n = -(-vsize // bs)
         kind = np.zeros(n, np.uint8)
         digest = np.zeros((n, 32), np.uint8)
-        where: dict[int, tuple[dict[str, object], int, int, int, int]] = {}
+        where: dict[int, tuple[dict[str, object], int, int, int, int, int]] = {}
         for p in lineage:
-            for block, count, k, codec, key, off, length, _r1, dig in p["entries"]:  # type: ignore[attr-defined]
+            for block, count, k, codec, key, off, length, member, dig in p["entries"]:  # type: ignore[attr-defined]
                 for b in range(block, min(block + count, n)):
                     kind[b] = k
                     digest[b] = np.frombuffer(dig, np.uint8)
                     if k == 1:
-                        where[b] = (p, off, length, codec, key)
+                        where[b] = (p, off, length, codec, key, member)
         assert kind.all(), "a block no point defines"
         state = blake3.blake3(b"imagechain-state-v1\0" + struct.pack("<QI", vsize, bs) + blake3.blake3(
             kind.tobytes()).digest() + blake3.blake3(digest.tobytes()).digest()).digest()  # fmt: skip
         assert state == top["state"], "state digest"
         out = bytearray(vsize)
-        for b, (p, off, length, codec, key) in where.items():
+        self.groups = 0
+        for b, (p, off, length, codec, key, member) in where.items():
             payload = p["stream"][off : off + length]  # type: ignore[index]
+            first = b - member  # a group's payload is sealed as its first block's (section 4)
             if p["enc"] == 1:
                 sealer, kp = (p["pid"].bytes, p["kp"]) if key == 0 else p["table"][key - 1]  # type: ignore[attr-defined,index]
-                aad = b"payload\0" + sealer + struct.pack("<QB", b, codec)
-                payload = AESGCM(kp).decrypt(struct.pack("<QI", b, 0), payload, aad)
+                aad = b"payload\0" + sealer + struct.pack("<QB", first, codec)
+                payload = AESGCM(kp).decrypt(struct.pack("<QI", first, 0), payload, aad)
             raw_len = min(bs, vsize - b * bs)
             if codec == 0:
                 raw = payload
             elif codec == 1:
                 raw = zstandard.ZstdDecompressor().decompress(payload)
+            elif codec == 3:
+                raw = zstandard.ZstdDecompressor().decompress(payload)[member * bs : member * bs + raw_len]
+                self.groups += member == 0
             else:
                 raw = lz4.block.decompress(payload, uncompressed_size=raw_len)
             key = p["kd"] if p["enc"] == 1 else None
@@ -190,13 +195,19 @@ def test_a_reader_from_the_spec_restores_every_point(tmp_path: Path, repo: Path,
     free = np.flatnonzero(~used).tolist()
     for b in rng.sample(free, 20):  # stale data in blocks the filesystem does not use: UNUSED, not stored
         data[b * 65536 : (b + 1) * 65536] = rng.randbytes(65536)
+    # compressible data in six consecutive used blocks: stored as a group (codec 3) by the full point
+    # (the journal's: the last used blocks but the three the steps change; not the metadata the used map reads)
+    top = int(np.flatnonzero(used)[-1]) - 3
+    run = max(int(b) for b in np.flatnonzero(used) if b + 6 <= top and used[b : b + 6].all())
+    for b in range(run, run + 6):
+        data[b * 65536 : (b + 1) * 65536] = ((b"block %d of a group; " % b) * 4096)[:65536]
     vol.write_bytes(data)
     pw = Passphrase(b"spec reader") if encrypted else None
     ring = Keyring(pw)
     states = []
     for step in range(3):
-        if step:
-            b = int(np.flatnonzero(used)[-1]) - step  # change a used block
+        if step:  # change a used block; the first change replaces a block inside the group
+            b = run + 2 if step == 1 else int(np.flatnonzero(used)[-1]) - step
             data[b * 65536 + 100 : b * 65536 + 200] = rng.randbytes(100)
             vol.write_bytes(data)
         r = backup(str(vol), str(repo), encrypt=pw if step == 0 else None, keyring=ring)
@@ -218,3 +229,4 @@ def test_a_reader_from_the_spec_restores_every_point(tmp_path: Path, repo: Path,
     assert ("key_table" in reader.points[states[0][0]]["meta"]) == encrypted  # type: ignore[operator]
     for pid, want in states:
         assert reader.restore(pid) == want
+    assert reader.groups > 0, "no point held a group"

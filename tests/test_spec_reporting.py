@@ -273,12 +273,12 @@ def test_format_1_0_point_without_directory_lists_verifies_restores_and_is_conti
     assert verify(Repository.open(str(repo))).ok
     assert restored(repo, r0.point_id, tmp_path / "out.img") == v0
 
-    # an ordinary (1.1) incremental on top, its parent map rebuilt from the 1.0 index (no cache)
+    # an ordinary (1.5) incremental on top, its parent map rebuilt from the 1.0 index (no cache)
     v1 = edit(v0, [1, 7, 30], seed=4)
     vol.write_bytes(v1)
     r1 = backup(str(vol), str(repo), cache_dir=None)
     assert (r1.kind, r1.parent_id, r1.changed_blocks) == ("incremental", r0.point_id, 3)
-    assert point_of(repo, r1.point_id).header.minor == spec.FORMAT_MINOR == 3
+    assert point_of(repo, r1.point_id).header.minor == spec.FORMAT_MINOR == 5
     rep = verify(Repository.open(str(repo)))
     assert rep.ok and [p.point_id for p in rep.points] == [r0.point_id, r1.point_id], rep.as_dict()
     ok("verify", f"{repo}::{r1.point_id[:8]}")

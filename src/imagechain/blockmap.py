@@ -22,6 +22,7 @@ class BlockMap:
     length: np.ndarray | None = None  # u4[n]
     codec: np.ndarray | None = None  # u1[n]
     key: np.ndarray | None = None  # u2[n]: which data key of that point sealed the payload (0: its own)
+    member: np.ndarray | None = None  # u4[n]: the block's position in its grouped payload (codec 3)
     start: int = 0
 
     @property
@@ -31,6 +32,9 @@ class BlockMap:
     def key_at(self, i: int) -> int:
         """The data key that sealed row i's payload (an encrypted merged point holds several)."""
         return 0 if self.key is None else int(self.key[i])
+
+    def member_at(self, i: int) -> int:
+        return 0 if self.member is None else int(self.member[i])
 
     def raw_length(self, block: int) -> int:
         return min(self.block_size, self.volume_size - block * self.block_size)
@@ -48,3 +52,11 @@ def expand_blocks(entries: np.ndarray) -> np.ndarray:
     starts = np.repeat(entries["block"].astype(np.int64), counts)
     first = np.repeat(np.cumsum(counts) - counts, counts)
     return starts + (np.arange(int(counts.sum()), dtype=np.int64) - first)
+
+
+def read_breaks(src: np.ndarray, off: np.ndarray, ln: np.ndarray) -> np.ndarray:
+    """Where a new read starts among payloads listed in block order (src: which point, off and ln: where in
+    it): neighbours in one point whose payloads touch, or that share a grouped payload, are read together."""
+    brk = np.ones(len(src), bool)
+    brk[1:] = (src[1:] != src[:-1]) | ((off[1:] != off[:-1] + ln[:-1]) & (off[1:] != off[:-1]))
+    return brk

@@ -366,7 +366,7 @@ class MapStream:
         if self.locations:
             bm.src, bm.offset = np.zeros(n, np.uint16), np.zeros(n, np.uint64)
             bm.length, bm.codec = np.zeros(n, np.uint32), np.zeros(n, np.uint8)
-            bm.key = np.zeros(n, np.uint16)
+            bm.key, bm.member = np.zeros(n, np.uint16), np.zeros(n, np.uint32)
         return bm
 
     def _apply(self, bm: BlockMap, i: int, cur: _Cursor) -> None:
@@ -395,8 +395,9 @@ class MapStream:
             bm.offset[rel] = np.repeat(ent["offset"], counts)
             bm.length[rel] = np.repeat(ent["length"], counts)
             bm.codec[rel] = np.repeat(ent["codec"], counts)
-            assert bm.key is not None
+            assert bm.key is not None and bm.member is not None
             bm.key[rel] = np.repeat(ent["key"], counts)
+            bm.member[rel] = np.repeat(ent["member"], counts)
 
     def windows(self) -> Iterator[BlockMap]:
         cursors = [_Cursor(r, p) for r, p in zip(self.readers, self.points, strict=True)]

@@ -1,6 +1,8 @@
-"""Per-block payload coding: compression now, encryption later (it wraps the compressed bytes).
+"""Payload coding: one block on its own, or (zstd) a group of consecutive blocks in one frame.
 
-Each block is coded on its own so any block of any point can be read without its neighbours.
+A block coded alone reads without its neighbours; a group compresses as a stream does (zstd finds matches
+across the blocks: 4 MiB groups store 6% less than 64 KiB blocks on the benchmark volume), and costs a
+reader of one of its blocks the decoding of the group. Encryption wraps the coded bytes (crypto.py).
 Codec objects are per thread: zstd contexts are not safe to share between threads."""
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ class _Local(threading.local):
 _local = _Local()
 
 
+def _zstd(level: int) -> zstandard.ZstdCompressor:
+    zc = _local.zc.get(level)
+    if zc is None:
+        zc = _local.zc[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return zc
+
+
 def encode(params: CodecParams, block: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     """Return (payload codec, payload). Falls back to raw when compression does not shrink the block.
 
@@ -62,10 +71,7 @@ def encode(params: CodecParams, block: bytes | memoryview) -> tuple[int, bytes |
     such blocks was measured and dropped: it saved no time on the benchmark volume and stored 1.2% more,
     because blocks whose start does not compress often do further on."""
     if params.compression == spec.COMPRESSION_ZSTD:
-        zc = _local.zc.get(params.level)
-        if zc is None:
-            zc = _local.zc[params.level] = zstandard.ZstdCompressor(level=params.level, write_content_size=True)
-        out = zc.compress(block)
+        out = _zstd(params.level).compress(block)
         if len(out) < len(block):
             return spec.PAYLOAD_ZSTD, out
     elif params.compression == spec.COMPRESSION_LZ4:
@@ -75,11 +81,36 @@ def encode(params: CodecParams, block: bytes | memoryview) -> tuple[int, bytes |
     return spec.PAYLOAD_RAW, block
 
 
-def decode(codec: int, payload: bytes, raw_length: int) -> bytes:
+def encode_group(params: CodecParams, blocks: bytes | memoryview) -> bytes | None:
+    """One zstd frame of consecutive blocks (codec 3), or None when it would not be smaller than the blocks
+    (incompressible data: the caller stores them raw, one by one, as encode would)."""
+    out = _zstd(params.level).compress(blocks)
+    return out if len(out) < len(blocks) else None
+
+
+def decode_group(payload: bytes | memoryview) -> bytes:
+    """The blocks of a group, back to back; a frame that says it holds more than GROUP_MAX_BYTES is refused
+    before anything is allocated for it."""
+    try:
+        size = zstandard.frame_content_size(payload)
+        if size < 0 or size > spec.GROUP_MAX_BYTES:
+            raise IntegrityError(f"group payload declares {size} bytes (at most {spec.GROUP_MAX_BYTES} allowed)")
+        zd = _local.zd
+        if zd is None:
+            zd = _local.zd = zstandard.ZstdDecompressor()
+        out = zd.decompress(payload, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"group payload does not decode: {e}") from e
+    if len(out) != size:
+        raise IntegrityError(f"group payload decodes to {len(out)} bytes, its frame says {size}")
+    return out
+
+
+def decode(codec: int, payload: bytes | memoryview, raw_length: int) -> bytes:
     """Decode one payload; a payload that does not decode to raw_length bytes is corrupt."""
     try:
         if codec == spec.PAYLOAD_RAW:
-            out = payload
+            out = bytes(payload)
         elif codec == spec.PAYLOAD_ZSTD:
             zd = _local.zd
             if zd is None:

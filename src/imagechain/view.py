@@ -9,6 +9,7 @@ read raises IntegrityError naming the block and file (FUSE and NBD answer EIO fo
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,13 +19,13 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from .blockmap import BlockMap, block_count
+from .blockmap import BlockMap, block_count, read_breaks
 from .chain import Catalog, MapStream
-from .codec import decode
 from .errors import ImagechainError, IntegrityError, RepositoryError, UsageError
 from .format import spec
 from .format.reader import PointFiles, PointReader
 from .keyring import Keyring
+from .payload import BlockOpener
 from .repository import Repository
 
 WINDOW_BLOCKS = 1 << 14  # map windows resolved at a time: 1 GiB of volume at 64 KiB blocks, ~0.8 MiB of map
@@ -52,6 +53,17 @@ class _Bad:
         self.message, self.transient = message, transient
 
 
+class _Unproven:
+    """A block decoded with its group for a later read, not yet proven: proving costs a digest of the block,
+    paid only if it is read (a random read decodes a whole group, but hashes only what it asked for)."""
+
+    def __init__(self, raw: bytes, digest: bytes, where: str) -> None:
+        self.raw, self.digest, self.where = raw, digest, where
+
+
+_Got = bytes | _Bad | _Unproven
+
+
 class PointView:
     """Random read access to one point's volume. Thread-safe: FUSE and NBD serve many readers at once."""
 
@@ -69,7 +81,7 @@ class PointView:
         self._readers = [PointReader(repo.store, p) for p in self.points]
         self._map_lru: OrderedDict[int, BlockMap] = OrderedDict()
         self._map_locks: dict[int, threading.Lock] = {}
-        self._cache: OrderedDict[int, Future[bytes | _Bad]] = OrderedDict()
+        self._cache: OrderedDict[int, Future[_Got]] = OrderedDict()
         self._cache_cap = max(64, cache_bytes // self.block_size)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="view")
@@ -78,6 +90,10 @@ class PointView:
         self._zero = bytes(self.block_size)
         self.on_error = on_error
         self.errors: list[str] = []
+        self._opener = BlockOpener(self._digest)
+
+    def _digest(self, data: bytes | memoryview) -> bytes:
+        return blake3.blake3(data).digest() if self.keys is None else self.keys.digest(data)
 
     # -- the map
 
@@ -124,18 +140,16 @@ class PointView:
 
     # -- blocks
 
-    def _job(self, bm: BlockMap, blocks: list[int]) -> dict[int, bytes | _Bad]:
+    def _job(self, bm: BlockMap, blocks: list[int], asked: set[int]) -> dict[int, _Got]:
         """Fetch neighbouring DATA blocks of one window in as few reads as their payloads allow, then
-        decrypt, decode and prove each one on its own: one bad block does not take its neighbours."""
+        decrypt, decode and prove each one on its own: one bad block does not take its neighbours. Blocks
+        not asked for (the rest of a group) are kept unproven until they are read."""
         assert bm.src is not None and bm.offset is not None and bm.length is not None and bm.codec is not None
         rel = np.array(blocks, np.int64) - bm.start
         src, off, ln = bm.src[rel], bm.offset[rel].astype(np.int64), bm.length[rel].astype(np.int64)
-        out: dict[int, bytes | _Bad] = {}
-        i = 0
-        while i < len(blocks):
-            j = i + 1
-            while j < len(blocks) and src[j] == src[i] and off[j] == off[j - 1] + ln[j - 1]:
-                j += 1
+        out: dict[int, _Got] = {}
+        heads = [*np.flatnonzero(read_breaks(src, off, ln)).tolist(), len(blocks)]
+        for i, j in itertools.pairwise(heads):
             reader = self._readers[int(src[i])]
             try:
                 data = memoryview(reader.read(int(off[i]), int(off[j - 1] + ln[j - 1] - off[i])))
@@ -143,31 +157,36 @@ class PointView:
                 transient = not isinstance(e, IntegrityError)  # a disk that went away may come back
                 for k in range(i, j):
                     out[blocks[k]] = self._bad(blocks[k], f"block {blocks[k]}: {e}", transient)
-                i = j
                 continue
             for k in range(i, j):
                 b = blocks[k]
                 payload = data[int(off[k] - off[i]) : int(off[k] - off[i] + ln[k])]
-                out[b] = self._prove(bm, b, reader, payload)
-            i = j
+                out[b] = self._prove(bm, b, reader, payload, b in asked)
+        self._opener.forget()
         return out
 
-    def _prove(self, bm: BlockMap, b: int, reader: PointReader, payload: memoryview) -> bytes | _Bad:
+    def _prove(self, bm: BlockMap, b: int, reader: PointReader, payload: memoryview, now: bool) -> _Got:
         assert bm.codec is not None and bm.offset is not None
         r = b - bm.start
-        where = reader.segment_at(int(bm.offset[r]))
-        codec = int(bm.codec[r])
+        where = f"{reader.segment_at(int(bm.offset[r]))}: block {b} is corrupt"
+        digest = bm.digest[r].tobytes()
         try:
-            raw_payload: bytes | memoryview = payload
-            if reader.header.encrypted:
-                raw_payload = reader.keys().open_payload(b, codec, payload, bm.key_at(r))
-            raw = decode(codec, bytes(raw_payload), bm.raw_length(b))
+            raw = self._opener.open(reader, b, int(bm.codec[r]), bm.key_at(r), bm.member_at(r), int(bm.offset[r]),
+                                    payload, bm.raw_length(b), self.block_size, digest if now else None)  # fmt: skip
         except IntegrityError as e:
-            return self._bad(b, f"{where}: block {b} is corrupt ({e})")
-        digest = blake3.blake3(raw).digest() if self.keys is None else self.keys.digest(raw)
-        if digest != bm.digest[r].tobytes():
-            return self._bad(b, f"{where}: block {b} is corrupt (digest mismatch)")
-        return raw
+            return self._bad(b, f"{where} ({e})")
+        return raw if now else _Unproven(raw, digest, where)
+
+    def _settle(self, b: int, got: _Unproven) -> bytes | _Bad:
+        """Prove a block decoded earlier with its group, and keep the outcome in its place."""
+        out: bytes | _Bad = got.raw if self._opener.proves(got.raw, got.digest) else \
+            self._bad(b, f"{got.where} (digest mismatch)")  # fmt: skip
+        done: Future[_Got] = Future()
+        done.set_result(out)
+        with self._lock:
+            if b in self._cache:
+                self._cache[b] = done
+        return out
 
     def _bad(self, block: int, message: str, transient: bool = False) -> _Bad:
         with self._lock:
@@ -177,9 +196,9 @@ class PointView:
             self.on_error(message)
         return _Bad(message, transient)
 
-    def _schedule(self, first: int, last: int) -> list[Future[bytes | _Bad]]:
+    def _schedule(self, first: int, last: int) -> list[Future[_Got]]:
         """Futures of blocks [first, last): cached ones as they are, the others submitted in runs."""
-        futs: list[Future[bytes | _Bad] | None] = []
+        futs: list[Future[_Got] | None] = []
         missing: list[int] = []
         with self._lock:
             for b in range(first, last):
@@ -189,18 +208,19 @@ class PointView:
                 else:
                     missing.append(b)
                 futs.append(cached)
-        new: dict[int, Future[bytes | _Bad]] = {}
+        new: dict[int, Future[_Got]] = {}
         for w_first, w_blocks in _by_window(missing):
             bm = self._window(w_first // WINDOW_BLOCKS)
             kinds = bm.kind[np.array(w_blocks, np.int64) - bm.start]
             data = [b for b, k in zip(w_blocks, kinds.tolist(), strict=True) if k == DATA]
             for b, k in zip(w_blocks, kinds.tolist(), strict=True):
                 if k != DATA:
-                    done: Future[bytes | _Bad] = Future()
+                    done: Future[_Got] = Future()
                     done.set_result(self._zero if bm.raw_length(b) == self.block_size else bytes(bm.raw_length(b)))
                     new[b] = done
-            for run in _runs(data, RUN_BLOCKS):
-                job = self._pool.submit(self._job, bm, run)
+            asked = set(data)
+            for run in _runs(self._whole_groups(bm, data), RUN_BLOCKS):
+                job = self._pool.submit(self._job, bm, run, asked)
                 for b in run:
                     new[b] = _pick(job, b)
         with self._lock:
@@ -209,6 +229,33 @@ class PointView:
             while len(self._cache) > self._cache_cap:
                 self._cache.popitem(last=False)
         return [f if f is not None else new[first + i] for i, f in enumerate(futs)]
+
+    def _whole_groups(self, bm: BlockMap, data: list[int]) -> list[list[int]]:
+        """The DATA blocks to fetch as units: a block of a group brings the rest of its group (within the
+        window) that is not cached yet, so a group is decoded once, not once per block read."""
+        assert bm.codec is not None and bm.src is not None and bm.offset is not None
+        units: list[list[int]] = []
+        asked = set(data)
+        for b in data:
+            if units and b <= units[-1][-1]:
+                continue  # brought by the group before
+            i = b - bm.start
+            if bm.codec[i] != spec.PAYLOAD_ZSTD_GROUP:
+                units.append([b])
+                continue
+            lo = max(0, i - bm.member_at(i))
+            hi = min(len(bm.kind), i + spec.GROUP_MAX_BYTES // self.block_size)
+            same = ((bm.kind[lo:hi] == DATA) & (bm.src[lo:hi] == bm.src[i]) & (bm.offset[lo:hi] == bm.offset[i])
+                    & (bm.codec[lo:hi] == spec.PAYLOAD_ZSTD_GROUP))  # fmt: skip
+            a, z = i - lo, i - lo + 1
+            while a > 0 and same[a - 1]:
+                a -= 1
+            while z < len(same) and same[z]:
+                z += 1
+            with self._lock:
+                unit = [c for c in range(lo + bm.start + a, lo + bm.start + z) if c in asked or c not in self._cache]
+            units.append(unit)
+        return units
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset + length) of the volume (shorter at its end); IntegrityError when a block
@@ -225,6 +272,8 @@ class PointView:
         parts = []
         for i, f in enumerate(futs):
             got = f.result()
+            if isinstance(got, _Unproven):
+                got = self._settle(first + i, got)
             if isinstance(got, _Bad):
                 if got.transient:
                     with self._lock:
@@ -280,21 +329,22 @@ def _by_window(blocks: list[int]) -> list[tuple[int, list[int]]]:
     return out
 
 
-def _runs(blocks: list[int], most: int) -> list[list[int]]:
+def _runs(units: list[list[int]], most: int) -> list[list[int]]:
+    """Units of neighbouring blocks joined into jobs of up to `most` blocks (a group is never split)."""
     out: list[list[int]] = []
-    for b in blocks:
-        if out and out[-1][-1] == b - 1 and len(out[-1]) < most:
-            out[-1].append(b)
+    for u in units:
+        if out and out[-1][-1] == u[0] - 1 and len(out[-1]) + len(u) <= most:
+            out[-1].extend(u)
         else:
-            out.append([b])
+            out.append(list(u))
     return out
 
 
-def _pick(job: Future[dict[int, bytes | _Bad]], block: int) -> Future[bytes | _Bad]:
+def _pick(job: Future[dict[int, _Got]], block: int) -> Future[_Got]:
     """A future of one block of a run's job."""
-    out: Future[bytes | _Bad] = Future()
+    out: Future[_Got] = Future()
 
-    def done(j: Future[dict[int, bytes | _Bad]]) -> None:
+    def done(j: Future[dict[int, _Got]]) -> None:
         if j.cancelled():  # the view was closed before the job ran
             out.set_result(_Bad(f"block {block}: the point view was closed", transient=True))
             return

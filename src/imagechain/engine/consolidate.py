@@ -16,13 +16,14 @@ import calendar
 import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .. import interrupts
 from ..address import select
-from ..blockmap import block_count
+from ..blockmap import BlockMap, block_count
 from ..chain import RETIRED, Catalog, MapStream, describe, merged_ids
 from ..errors import ImagechainError, UsageError
 from ..format import spec
@@ -172,7 +173,7 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock,
         volume_size=lh.volume_size, created_us=lh.created_us,
         kind=spec.KIND_FULL if fh.parent_id is None else spec.KIND_INCREMENTAL,
         compression=lh.compression, compression_level=lh.compression_level, split_size=lh.split_size,
-        metadata=meta, minor=spec.MERGED_MINOR,
+        metadata=meta,
     )  # fmt: skip
     keys, lut, remember = None, None, None
     if lh.encrypted:  # payloads stay sealed as they are; the merged point's own data key seals the key table
@@ -194,7 +195,7 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock,
         with MapStream(repo.store, run, locations=True) as ms, contextlib.closing(source):
             for bm in ms.overlay_windows():
                 assert bm.src is not None and bm.offset is not None and bm.length is not None
-                assert bm.codec is not None
+                assert bm.codec is not None and bm.member is not None
                 defined = np.flatnonzero(bm.kind != 0)
                 if not len(defined):
                     continue
@@ -208,13 +209,11 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock,
                 if lut is not None:
                     assert bm.key is not None
                     ent["key"][data] = lut[bm.src[defined[data]], bm.key[defined[data]]]
-                for at in range(0, len(data), COPY_BLOCKS):  # memory: one slice of payloads, not a window's
-                    rows = data[at : at + COPY_BLOCKS]
-                    payloads = source.fetch(bm, defined[rows] + bm.start)
-                    ent["length"][rows] = [len(p) for p in payloads]
-                    ent["offset"][rows] = writer.append_payloads(payloads)
-                    stored += sum(len(p) for p in payloads)
-                    copied += len(payloads)
+                ent["member"][data] = bm.member[defined[data]]
+                groups: dict[tuple[int, int], int] = {}  # grouped payloads of this window copied: their new offset
+                for rows in _slices(bm, defined[data], data):  # memory: a slice of payloads, not a window's
+                    ent["offset"][rows], ent["length"][rows], fresh = _copy(bm, defined[rows], source, writer, groups)
+                    stored, copied = stored + sum(len(p) for p in fresh), copied + len(fresh)
                 for k, name in ((spec.BLOCK_DATA, "data_blocks"), (spec.BLOCK_ZERO, "zero_blocks"),
                                 (spec.BLOCK_UNUSED, "unused_blocks")):  # fmt: skip
                     counts[name] += int(np.count_nonzero(ent["kind"] == k))
@@ -230,3 +229,48 @@ def _write_merged(repo: Repository, run: list[PointFiles], lock: ChainLock,
     if remember is not None:
         remember()
     return header, stored, copied
+
+
+def _slices(bm: BlockMap, rel: np.ndarray, rows: np.ndarray) -> Iterator[np.ndarray]:
+    """`rows` in slices of about COPY_BLOCKS payloads; a slice does not end inside a group, which is then
+    read once (rel: the rows' positions in the window)."""
+    assert bm.src is not None and bm.offset is not None
+    src, off = bm.src[rel], bm.offset[rel]
+    at = 0
+    while at < len(rows):
+        end = min(len(rows), at + COPY_BLOCKS)
+        while end < len(rows) and src[end] == src[end - 1] and off[end] == off[end - 1]:
+            end += 1
+        yield rows[at:end]
+        at = end
+
+
+def _copy(bm: BlockMap, rel: np.ndarray, source: PayloadSource, writer: ImageWriter,
+          groups: dict[tuple[int, int], int]) -> tuple[np.ndarray, np.ndarray, list[memoryview]]:  # fmt: skip
+    """Copy the payloads of the blocks at window positions `rel` as they are; a group shared by several
+    blocks is copied once. Returns the blocks' new offsets and lengths, and the payloads copied."""
+    assert bm.src is not None and bm.offset is not None and bm.codec is not None
+    payloads = source.fetch(bm, rel + bm.start)
+    offsets = np.zeros(len(rel), np.uint64)
+    lengths = np.asarray([len(p) for p in payloads], np.uint32)
+    fresh: list[memoryview] = []
+    slot = np.full(len(rel), -1, np.int64)  # row -> position in `fresh`, or -1 when copied by an earlier slice
+    seen: dict[tuple[int, int], int] = {}
+    for k, i in enumerate(rel.tolist()):
+        if bm.codec[i] == spec.PAYLOAD_ZSTD_GROUP:
+            where = (int(bm.src[i]), int(bm.offset[i]))
+            if where in groups:
+                offsets[k] = groups[where]
+                continue
+            if where in seen:
+                slot[k] = seen[where]
+                continue
+            seen[where] = len(fresh)
+        slot[k] = len(fresh)
+        fresh.append(payloads[k])
+    at = writer.append_payloads(fresh)
+    for where, j in seen.items():
+        groups[where] = at[j]
+    put = slot >= 0
+    offsets[put] = np.asarray(at, np.uint64)[slot[put]]
+    return offsets, lengths, fresh

@@ -152,8 +152,11 @@ def _payload_bytes(repo: Repository, run: list[PointFiles]) -> int:
     total = 0
     with MapStream(repo.store, run, locations=True) as ms:
         for bm in ms.overlay_windows():
-            assert bm.length is not None
-            total += int(bm.length[bm.kind == spec.BLOCK_DATA].astype(np.int64).sum())
+            assert bm.length is not None and bm.src is not None and bm.offset is not None
+            data = bm.kind == spec.BLOCK_DATA
+            # a group's payload counts once, however many of its blocks the map still names
+            where = np.unique(np.stack([bm.src[data].astype(np.uint64), bm.offset[data]]), axis=1, return_index=True)[1]
+            total += int(bm.length[data][where].astype(np.int64).sum())
     return total
 
 

@@ -23,9 +23,8 @@ import blake3
 import numpy as np
 
 from .. import interrupts
-from ..blockmap import BlockMap
+from ..blockmap import BlockMap, read_breaks
 from ..chain import Catalog, MapStream
-from ..codec import decode
 from ..errors import ImagechainError, IntegrityError, NoSpaceError, TargetError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader
@@ -34,6 +33,7 @@ from ..keyring import Keyring
 from ..lock import running_sources
 from ..mounts import in_use
 from ..partitions import relocate_gpt_backup
+from ..payload import BlockOpener
 from ..repository import Repository
 from ..sources import device_size
 from ..stores import TEMP_MARK
@@ -74,42 +74,38 @@ class PayloadSource:
         self.readers = [PointReader(repo.store, p) for p in points]
         self.points = points
         self.keys = points[-1].keys  # an encrypted chain's (every point of a lineage shares its digest key)
+        self.opener = BlockOpener(self.digest)
 
     def digest(self, data: bytes | memoryview) -> bytes:
         return blake3.blake3(data).digest() if self.keys is None else self.keys.digest(data)
 
-    def fetch(self, bm: BlockMap, blocks: np.ndarray) -> list[bytes]:
-        """Payloads for DATA blocks (ascending block numbers inside the window bm)."""
+    def fetch(self, bm: BlockMap, blocks: np.ndarray) -> list[memoryview]:
+        """Payloads for DATA blocks (ascending block numbers inside the window bm); the blocks of one group
+        share its payload."""
         assert bm.src is not None and bm.offset is not None and bm.length is not None
         if not len(blocks):
             return []
         rel = blocks - bm.start
         src, off, ln = bm.src[rel], bm.offset[rel].astype(np.int64), bm.length[rel].astype(np.int64)
-        brk = np.ones(len(blocks), bool)
-        brk[1:] = (src[1:] != src[:-1]) | (off[1:] != off[:-1] + ln[:-1])
-        heads = [*np.flatnonzero(brk).tolist(), len(blocks)]
-        out: list[bytes] = []
+        heads = [*np.flatnonzero(read_breaks(src, off, ln)).tolist(), len(blocks)]
+        out: list[memoryview] = []
         for a, b in itertools.pairwise(heads):
             total = int(off[b - 1] + ln[b - 1] - off[a])
             data = memoryview(self.readers[int(src[a])].read(int(off[a]), total))
             base = int(off[a])
-            out.extend(bytes(data[int(off[i]) - base : int(off[i] + ln[i]) - base]) for i in range(a, b))
+            out.extend(data[int(off[i]) - base : int(off[i] + ln[i]) - base] for i in range(a, b))
         return out
 
-    def check(self, bm: BlockMap, block: int, payload: bytes) -> bytes:
+    def check(self, bm: BlockMap, block: int, payload: bytes | memoryview) -> bytes:
         """Decode one payload and prove it is the block that was backed up."""
         assert bm.codec is not None and bm.src is not None and bm.offset is not None
         i = block - bm.start
         r = self.readers[int(bm.src[i])]
         try:
-            if r.header.encrypted:
-                payload = r.keys().open_payload(block, int(bm.codec[i]), payload, bm.key_at(i))
-            raw = decode(int(bm.codec[i]), payload, bm.raw_length(block))
+            return self.opener.open(r, block, int(bm.codec[i]), bm.key_at(i), bm.member_at(i), int(bm.offset[i]),
+                                    payload, bm.raw_length(block), bm.block_size, bm.digest[i].tobytes())  # fmt: skip
         except IntegrityError as e:
             raise IntegrityError(f"{r.segment_at(int(bm.offset[i]))}: block {block} is corrupt ({e})") from e
-        if self.digest(raw) != bm.digest[i].tobytes():
-            raise IntegrityError(f"{r.segment_at(int(bm.offset[i]))}: block {block} is corrupt (digest mismatch)")
-        return raw
 
     def verified(self, bm: BlockMap, blocks: list[int]) -> dict[int, bytes]:
         fetched = self.fetch(bm, np.array(blocks, np.int64))

@@ -10,12 +10,12 @@ import numpy as np
 
 from ..blockmap import BlockMap, expand_blocks
 from ..chain import Catalog, MapStream, describe
-from ..codec import decode
 from ..damage import DamageRecord
 from ..errors import CredentialsError, ImagechainError, IntegrityError
 from ..format import spec
 from ..format.reader import PointFiles, PointReader
 from ..keyring import Keyring
+from ..payload import BlockOpener
 from ..repository import Repository
 from .pipeline import default_threads, ordered_map
 from .progress import Progress, Silent
@@ -243,8 +243,11 @@ def _batches(r: PointReader) -> Iterator[np.ndarray]:
     for ent in r.iter_index():
         data = ent[ent["kind"] == spec.BLOCK_DATA]
         data = data[np.argsort(data["offset"], kind="stable")]
-        start, acc = 0, 0
-        for i, ln in enumerate(data["length"].tolist()):
+        start, acc, last = 0, 0, -1
+        for i, (off, ln) in enumerate(zip(data["offset"].tolist(), data["length"].tolist(), strict=True)):
+            if off == last:
+                continue  # the next block of the same group: its payload is counted, and stays in this batch
+            last = off
             acc += ln
             if acc >= READ_BYTES:
                 yield data[start : i + 1]
@@ -258,6 +261,7 @@ def _check_payloads(r: PointReader, h: spec.PointHeader, threads: int,
     """(bad blocks with the file holding each, DATA blocks checked)."""
     geometry = BlockMap(h.volume_size, h.block_size, np.zeros(0, np.uint8), np.zeros((0, 32), np.uint8))
     keys = r.keys() if h.encrypted else None
+    opener = BlockOpener(spec.b3 if keys is None else keys.digest)
 
     def work(batch: np.ndarray) -> tuple[int, int, list[tuple[int, str]]]:
         bad = []
@@ -268,17 +272,14 @@ def _check_payloads(r: PointReader, h: spec.PointHeader, threads: int,
         except IntegrityError:
             return len(batch), hi - lo, [(int(e["block"]), r.segment_at(int(e["offset"]))) for e in batch]
         for e in batch:
-            blk = int(e["block"])
-            o = int(e["offset"]) - lo
+            blk, off = int(e["block"]), int(e["offset"])
             try:
-                payload = bytes(buf[o : o + int(e["length"])])
-                if keys is not None:
-                    payload = keys.open_payload(blk, int(e["codec"]), payload, int(e["key"]))
-                raw = decode(int(e["codec"]), payload, geometry.raw_length(blk))
-                if (spec.b3(raw) if keys is None else keys.digest(raw)) != e["digest"].tobytes():
-                    bad.append((blk, r.segment_at(int(e["offset"]))))
+                opener.open(r, blk, int(e["codec"]), int(e["key"]), int(e["member"]), off,
+                            buf[off - lo : off - lo + int(e["length"])], geometry.raw_length(blk), h.block_size,
+                            e["digest"].tobytes())  # fmt: skip
             except IntegrityError:
-                bad.append((blk, r.segment_at(int(e["offset"]))))
+                bad.append((blk, r.segment_at(off)))
+        opener.forget()
         return len(batch), hi - lo, bad
 
     bad: list[tuple[int, str]] = []

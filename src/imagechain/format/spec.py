@@ -14,8 +14,9 @@ import numpy as np
 from ..errors import IntegrityError
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 3  # 1.1: frame directory after the index (section 5.1); 1.2: UNUSED blocks, layout; 1.3: encryption
-MERGED_MINOR = 4  # 1.4: merged points (written by consolidation only)
+# 1.1: frame directory after the index (section 5.1); 1.2: UNUSED blocks, layout; 1.3: encryption; 1.4: merged
+# points; 1.5: grouped payloads (codec 3, index entry field `member`)
+FORMAT_MINOR = 5
 
 # --- segment header: the first bytes of every file of a point -----------------------------------
 SEGMENT_MAGIC = b"ICHSEG01"
@@ -59,6 +60,8 @@ BLOCK_UNUSED = 3  # reserved for used-block maps
 PAYLOAD_RAW = 0  # per-entry codec: stored as is (compression did not help)
 PAYLOAD_ZSTD = 1
 PAYLOAD_LZ4 = 2
+PAYLOAD_ZSTD_GROUP = 3  # 1.5: one zstd frame holding consecutive blocks; the entry's `member` says which one
+GROUP_MAX_BYTES = 64 << 20  # a reader refuses a group that decodes to more (a writer aims for a few MiB)
 
 INDEX_ENTRY = np.dtype(
     [
@@ -69,7 +72,7 @@ INDEX_ENTRY = np.dtype(
         ("key", "<u2"),  # 1.4: which data key sealed the payload (0: the point's own; section 11.1)
         ("offset", "<u8"),
         ("length", "<u4"),
-        ("reserved1", "<u4"),
+        ("member", "<u4"),  # 1.5: the block's position in its group (codec 3); zero otherwise
         ("digest", "u1", (32,)),
     ]
 )

@@ -1,0 +1,77 @@
+"""Opening one stored block: decrypt its payload, decode it and prove it against its digest.
+
+Restore, verify and the views (mount, NBD) read blocks only through here, so a grouped payload (codec 3:
+consecutive blocks in one zstd frame, docs/FORMAT.md section 4) is handled in one place: each thread keeps
+the last group it decoded, and the next block of that group is a slice of it instead of another decode."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from .codec import decode, decode_group
+from .crypto import PointKeys
+from .errors import IntegrityError
+from .format import spec
+
+
+class Sealed(Protocol):
+    """What the opener needs of the point that holds a payload (a PointReader)."""
+
+    @property
+    def header(self) -> spec.PointHeader: ...
+
+    def keys(self) -> PointKeys: ...
+
+
+class _Last(threading.local):
+    reader: object | None = None
+    offset: int = -1
+    data: bytes = b""
+
+
+class BlockOpener:
+    def __init__(self, digest: Callable[[bytes | memoryview], bytes]) -> None:
+        self._digest = digest  # plain BLAKE3, or keyed under the chain's digest key
+        self._last = _Last()
+
+    def open(self, reader: Sealed, block: int, codec: int, key: int, member: int, offset: int,
+             payload: bytes | memoryview, raw_length: int, block_size: int, digest: bytes | None) -> bytes:  # fmt: skip
+        """The block's bytes, proven against `digest` (None: the caller proves them itself, later);
+        IntegrityError says why not (the caller names the file and block)."""
+        if codec == spec.PAYLOAD_ZSTD_GROUP:
+            raw = self._member(reader, block, key, member, offset, payload, raw_length, block_size)
+        else:
+            if reader.header.encrypted:
+                payload = reader.keys().open_payload(block, codec, payload, key)
+            raw = decode(codec, payload, raw_length)
+        if digest is not None and self._digest(raw) != digest:
+            raise IntegrityError("digest mismatch")
+        return raw
+
+    def proves(self, raw: bytes, digest: bytes) -> bool:
+        return self._digest(raw) == digest
+
+    def _member(self, reader: Sealed, block: int, key: int, member: int, offset: int, payload: bytes | memoryview,
+                raw_length: int, block_size: int) -> bytes:  # fmt: skip
+        first = block - member  # a group holds consecutive blocks: member m is block first + m
+        if first < 0:
+            raise IntegrityError(f"group position {member} is past the volume's start")
+        last = self._last
+        if last.reader is reader and last.offset == offset:
+            data = last.data
+        else:
+            if reader.header.encrypted:  # sealed once, under the nonce of its first block
+                payload = reader.keys().open_payload(first, spec.PAYLOAD_ZSTD_GROUP, payload, key)
+            data = decode_group(payload)
+            last.reader, last.offset, last.data = reader, offset, data
+        at = member * block_size
+        raw = data[at : at + raw_length]
+        if len(raw) != raw_length:
+            raise IntegrityError(f"its group of {len(data)} bytes holds no block at position {member}")
+        return raw
+
+    def forget(self) -> None:
+        """Drop this thread's decoded group (a few MiB) once it is no longer needed."""
+        self._last.reader, self._last.offset, self._last.data = None, -1, b""

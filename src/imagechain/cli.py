@@ -62,8 +62,21 @@ class _LazyConsole:
         return getattr(self.real(), name)
 
 
-err = cast("Console", _LazyConsole(stderr=True, highlight=False))
-out = cast("Console", _LazyConsole(highlight=False, width=None if sys.stdout.isatty() else 200))  # pipes: never wrap
+# markup and emoji off: names, paths and addresses are printed as they are ("[x]" is no style, ":100:" no
+# picture)
+err = cast("Console", _LazyConsole(stderr=True, highlight=False, markup=False, emoji=False))
+out = cast("Console", _LazyConsole(highlight=False, markup=False, emoji=False,
+                                   width=None if sys.stdout.isatty() else 200))  # pipes: never wrap
+
+
+def say(line: str) -> None:
+    """One line on stderr, as it is (notices, errors): through rich only on a terminal, where a progress bar
+    may be drawn; otherwise written directly, without importing rich for it."""
+    if sys.stderr.isatty():
+        err.print(line, markup=False, soft_wrap=True)
+    else:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 F = TypeVar("F", bound=Callable[..., Any])
 LOCK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}")
 
@@ -72,7 +85,8 @@ class BarProgress:
     """A rich progress bar on a terminal; notices go to stderr either way."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and err.is_terminal
+        # isatty first: asking rich would import it, for nothing when stderr is a pipe or a log file
+        self.enabled = enabled and sys.stderr.isatty() and err.is_terminal
         self._bar: RichBar | None = None
         self._task: Any = None
 
@@ -106,12 +120,12 @@ class BarProgress:
             self._bar = None
 
     def notice(self, message: str) -> None:
-        err.print(f"notice: {message}", markup=False, soft_wrap=True)
+        say(f"notice: {message}")
 
 
 def _fail(message: str, code: int, kind: str, as_json: bool) -> None:
     """One line on stderr; with --json also a JSON object on stdout, for scripts that read only that."""
-    err.print(f"imagechain: {message}", markup=False, soft_wrap=True)
+    say(f"imagechain: {message}")
     if as_json:
         click.echo(json.dumps({"error": {"message": message, "exit_code": code, "kind": kind}}, indent=1))
     sys.exit(code)
@@ -389,16 +403,15 @@ def list_(repo: str, as_json: bool) -> None:
             out.print(f"  {why}: {len(gen_tips)} branches, tips {', '.join(x[:8] for x in gen_tips)}; backup "
                       f"continues one with --parent POINT", markup=False, soft_wrap=True)  # fmt: skip
     for p in (p for pts in rows for p in pts if "summary_problem" in p):
-        err.print(f"notice: point {p['point_id'][:8]}: {p['summary_problem']} (statistics only)",
-                  markup=False, soft_wrap=True)  # fmt: skip
+        say(f"notice: point {p['point_id'][:8]}: {p['summary_problem']} (statistics only)")  # fmt: skip
     for _f, why in cat.damaged.values():
-        err.print(f"notice: {why} (run imagechain verify)", markup=False, soft_wrap=True)
+        say(f"notice: {why} (run imagechain verify)")
     for _files, why in cat.problems:
-        err.print(f"notice: not a point: {why}", markup=False, soft_wrap=True)
+        say(f"notice: not a point: {why}")
     for n in cat.notices:
-        err.print(f"notice: {n}", markup=False, soft_wrap=True)
+        say(f"notice: {n}")
     for name in cat.leftovers:
-        err.print(f"notice: leftover temporary file {name}", markup=False, soft_wrap=True)
+        say(f"notice: leftover temporary file {name}")
 
 
 @main.command()

@@ -18,7 +18,7 @@ DEFAULT_THREADS = 4
 def register(main: click.Group) -> None:
     """Add serve and export to the CLI."""
     # imported here: cli.py imports this module while it is itself being imported
-    from ..cli import _keyring, err, handle_errors, key_options
+    from ..cli import _keyring, handle_errors, key_options, say
 
     @main.command()
     @click.argument("point")
@@ -57,9 +57,8 @@ def register(main: click.Group) -> None:
             server = NbdServer(view, overlay=ov, name=name, description=f"imagechain point {pid}")
             uri = server.listen_unix(socket_path) if socket_path else server.listen_tcp(host, port)
             if server.address is not None and not _loopback(host):
-                err.print(f"notice: NBD has neither authentication nor encryption: whoever can reach port "
-                          f"{server.address[1]} of {host} reads{' and writes' if ov else ''} this volume",
-                          markup=False, soft_wrap=True)  # fmt: skip
+                say(f"notice: NBD has neither authentication nor encryption: whoever can reach port "
+                    f"{server.address[1]} of {host} reads{' and writes' if ov else ''} this volume")
             mode = "read-only" if ov is None else f"writable, writes go to overlay {overlay}" + \
                 ("" if ov.created else f", continued: {human(ov.written_bytes)} written before")  # fmt: skip
             click.echo(f"serving point {pid} ({human(view.size)}, {mode}) at {uri}")

@@ -370,3 +370,14 @@ def test_one_tib_parses_fast(tmp_path: Path) -> None:
     assert took < 15, f"{desc}: {took:.1f}s"
     assert used.mean() < 0.03, desc
     print(f"\n{desc}: parsed in {took:.2f}s, {used.mean():.2%} of 64 KiB blocks used")
+
+
+def test_crc32c_is_castagnolis_and_loads_without_the_packages_start_up() -> None:
+    """The C extension is loaded alone (usedmap/crc.py): the check value of CRC-32C, and a process that
+    needed it did not pay for importlib.metadata (the package's __init__ looks its version up with it)."""
+    import sys
+
+    code = ("import sys; from imagechain.usedmap import crc; "
+            "print(hex(crc.crc32c(b'123456789')), hex(crc.crc32c_raw(0, b'')), 'importlib.metadata' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out == ["0xe3069283", "0x0", "False"], out

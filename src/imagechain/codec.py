@@ -11,7 +11,6 @@ import re
 import threading
 from dataclasses import dataclass
 
-import lz4.block
 import zstandard
 
 from .errors import IntegrityError, UsageError
@@ -75,6 +74,8 @@ def encode(params: CodecParams, block: bytes | memoryview) -> tuple[int, bytes |
         if len(out) < len(block):
             return spec.PAYLOAD_ZSTD, out
     elif params.compression == spec.COMPRESSION_LZ4:
+        import lz4.block  # here: zstd chains (the default) never load it
+
         out = lz4.block.compress(block, store_size=False)
         if len(out) < len(block):
             return spec.PAYLOAD_LZ4, out
@@ -117,10 +118,15 @@ def decode(codec: int, payload: bytes | memoryview, raw_length: int) -> bytes:
                 zd = _local.zd = zstandard.ZstdDecompressor()
             out = zd.decompress(payload, max_output_size=raw_length)
         elif codec == spec.PAYLOAD_LZ4:
-            out = lz4.block.decompress(payload, uncompressed_size=raw_length)
+            import lz4.block
+
+            try:
+                out = lz4.block.decompress(payload, uncompressed_size=raw_length)
+            except lz4.block.LZ4BlockError as e:
+                raise IntegrityError(f"payload does not decode: {e}") from e
         else:
             raise IntegrityError(f"unknown payload codec {codec}")
-    except (zstandard.ZstdError, lz4.block.LZ4BlockError) as e:
+    except zstandard.ZstdError as e:
         raise IntegrityError(f"payload does not decode: {e}") from e
     if len(out) != raw_length:
         raise IntegrityError(f"payload decodes to {len(out)} bytes, expected {raw_length}")

@@ -6,7 +6,6 @@ hypervisors renew on clone even when the machine-id was copied), or from --host 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import blake3
@@ -47,4 +46,13 @@ def local_host(name: str | None = None) -> HostIdentity:
         hid = blake3.blake3(b"imagechain-host-name\0" + name.encode()).digest(16)
         return HostIdentity(hid, name, machine)
     hid = blake3.blake3(b"imagechain-machine\0" + machine.encode()).digest(16)
-    return HostIdentity(hid, socket.gethostname(), machine)
+    return HostIdentity(hid, _host_name(), machine)
+
+
+def _host_name() -> str:
+    """The machine's name, as `hostname` says it (uname's node name: the socket module is not needed)."""
+    if hasattr(os, "uname"):
+        return os.uname().nodename
+    import socket
+
+    return socket.gethostname()

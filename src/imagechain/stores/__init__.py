@@ -5,7 +5,6 @@ object storage (`s3://bucket/prefix`). Only this package knows which; everything
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
 from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry, temporary_of
@@ -22,6 +21,8 @@ def is_remote(location: str) -> bool:
 def local_path(location: str) -> str:
     """The folder a local location names (`file:///x` or a plain path)."""
     if location.lower().startswith("file://"):
+        from urllib.parse import unquote, urlsplit  # here: a plain path (most runs) needs neither
+
         parts = urlsplit(location)
         if parts.netloc not in ("", "localhost"):
             raise UsageError(f"{location}: a file:// URL names a folder on this machine (file:///path)")

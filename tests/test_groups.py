@@ -131,30 +131,38 @@ def test_a_damaged_group_fails_its_own_blocks_only(tmp_path: Path, repo: Path, e
 
 
 def test_each_reader_decodes_a_group_once(tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restore and verify decode each group once. A view's random read of a group decodes it only up to the
+    block asked for; reading the group again (in sequence, or soon after) decodes all of it once."""
     vol = tmp_path / "v.img"
     data = volume(vol)
     backup(str(vol), str(repo), cache_dir=None)
     groups = groups_of(index(repo))
-    calls: list[int] = []
+    calls: list[tuple[int, int | None]] = []
     real = payload_mod.decode_group
 
-    def counting(payload: bytes | memoryview) -> bytes:
-        calls.append(len(payload))
-        return real(payload)
+    def counting(payload: bytes | memoryview, upto: int | None = None) -> bytes:
+        calls.append((len(payload), upto))
+        return real(payload, upto)
 
     monkeypatch.setattr(payload_mod, "decode_group", counting)
     res = open_point(f"{repo}::default")
     restore(res.repo, res.point, str(tmp_path / "out.img"))
-    assert len(calls) == len(groups)
+    assert sorted(calls) == sorted((int(g["length"][0]), None) for g in groups.values())
     calls.clear()
     assert verify(res.repo, res.point).ok
-    assert len(calls) == len(groups)
-    calls.clear()
+    assert sorted(calls) == sorted((int(g["length"][0]), None) for g in groups.values())
     g = max(groups.values(), key=len)
+    blocks, size = g["block"].tolist(), int(g["length"][0])
+    m = len(blocks) // 2
     with PointView(res.repo, res.point, cat=res.catalog) as v:
-        for b in reversed(g["block"].tolist()):  # block by block, backwards: no read-ahead helps
-            assert v.read(b * BS, 4096) == data[b * BS : b * BS + 4096]
-    assert len(calls) == 1
+        calls.clear()
+        assert v.read(blocks[m] * BS + 100, 4096) == data[blocks[m] * BS + 100 : blocks[m] * BS + 4196]
+        assert calls == [(size, (m + 1) * BS)]  # random: up to the block's end only
+        calls.clear()
+        for b in blocks:  # the whole group, block by block
+            assert v.read(b * BS, BS) == data[b * BS : (b + 1) * BS]
+        mine = [u for n, u in calls if n == size]  # (read-ahead goes on into the next groups)
+        assert len(mine) == 1 and (mine[0] is None or mine[0] >= len(blocks) * BS), calls  # whole, once
 
 
 @pytest.mark.parametrize("encrypted", [False, True])
@@ -203,8 +211,8 @@ def test_a_group_that_claims_too_much_is_refused(monkeypatch: pytest.MonkeyPatch
 
 def test_a_view_proves_each_block_of_a_group_it_serves(tmp_path: Path, repo: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """A random read decodes the whole group but hashes only what it asked for; the rest of the group is
-    proven when it is read, and a block that fails then is refused like any other."""
+    """A read that brings a whole group hashes only what it asked for; the rest of the group is proven when
+    it is read, and a block that fails then is refused like any other."""
     vol = tmp_path / "v.img"
     data = volume(vol)
     backup(str(vol), str(repo), cache_dir=None)
@@ -219,7 +227,8 @@ def test_a_view_proves_each_block_of_a_group_it_serves(tmp_path: Path, repo: Pat
         return False
 
     with PointView(res.repo, res.point, cat=res.catalog) as v:
-        assert v.read(first * BS, 100) == data[first * BS : first * BS + 100]
+        for b in (first, first + 1):  # in sequence: the second read brings the rest of the group, unproven
+            assert v.read(b * BS, BS) == data[b * BS : (b + 1) * BS]
         monkeypatch.setattr(payload_mod.BlockOpener, "proves", failing)
         with pytest.raises(IntegrityError, match=f"block {other} is corrupt"):
             v.read(other * BS, 100)

@@ -89,9 +89,10 @@ def encode_group(params: CodecParams, blocks: bytes | memoryview) -> bytes | Non
     return out if len(out) < len(blocks) else None
 
 
-def decode_group(payload: bytes | memoryview) -> bytes:
-    """The blocks of a group, back to back; a frame that says it holds more than GROUP_MAX_BYTES is refused
-    before anything is allocated for it."""
+def decode_group(payload: bytes | memoryview, upto: int | None = None) -> bytes:
+    """The blocks of a group, back to back; with `upto`, only its first `upto` bytes (a random read of one
+    block decodes the group up to that block, not past it). A frame that says it holds more than
+    GROUP_MAX_BYTES is refused before anything is allocated for it."""
     try:
         size = zstandard.frame_content_size(payload)
         if size < 0 or size > spec.GROUP_MAX_BYTES:
@@ -99,6 +100,16 @@ def decode_group(payload: bytes | memoryview) -> bytes:
         zd = _local.zd
         if zd is None:
             zd = _local.zd = zstandard.ZstdDecompressor()
+        if upto is not None and upto < size:
+            part = bytearray(upto)
+            with zd.stream_reader(payload) as r:
+                got, view = 0, memoryview(part)
+                while got < upto:
+                    n = r.readinto(view[got:])
+                    if not n:
+                        raise IntegrityError(f"group payload ends after {got} bytes, its frame says {size}")
+                    got += n
+            return bytes(part)
         out = zd.decompress(payload, max_output_size=size)
     except zstandard.ZstdError as e:
         raise IntegrityError(f"group payload does not decode: {e}") from e

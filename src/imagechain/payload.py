@@ -29,6 +29,7 @@ class _Last(threading.local):
     reader: object | None = None
     offset: int = -1
     data: bytes = b""
+    whole: bool = False  # data is the whole group, not the part before some block
 
 
 class BlockOpener:
@@ -37,11 +38,14 @@ class BlockOpener:
         self._last = _Last()
 
     def open(self, reader: Sealed, block: int, codec: int, key: int, member: int, offset: int,
-             payload: bytes | memoryview, raw_length: int, block_size: int, digest: bytes | None) -> bytes:  # fmt: skip
+             payload: bytes | memoryview, raw_length: int, block_size: int, digest: bytes | None,
+             upto: int | None = None) -> bytes:  # fmt: skip
         """The block's bytes, proven against `digest` (None: the caller proves them itself, later);
-        IntegrityError says why not (the caller names the file and block)."""
+        IntegrityError says why not (the caller names the file and block). `upto`: the last position of its
+        group wanted now (a random read): the group is decoded that far, not to its end."""
         if codec == spec.PAYLOAD_ZSTD_GROUP:
-            raw = self._member(reader, block, key, member, offset, payload, raw_length, block_size)
+            end = None if upto is None else (max(upto, member) + 1) * block_size
+            raw = self._member(reader, block, key, member, offset, payload, raw_length, block_size, end)
         else:
             if reader.header.encrypted:
                 payload = reader.keys().open_payload(block, codec, payload, key)
@@ -54,19 +58,19 @@ class BlockOpener:
         return self._digest(raw) == digest
 
     def _member(self, reader: Sealed, block: int, key: int, member: int, offset: int, payload: bytes | memoryview,
-                raw_length: int, block_size: int) -> bytes:  # fmt: skip
+                raw_length: int, block_size: int, upto: int | None) -> bytes:  # fmt: skip
         first = block - member  # a group holds consecutive blocks: member m is block first + m
         if first < 0:
             raise IntegrityError(f"group position {member} is past the volume's start")
         last = self._last
-        if last.reader is reader and last.offset == offset:
+        at = member * block_size
+        if last.reader is reader and last.offset == offset and (last.whole or len(last.data) >= at + raw_length):
             data = last.data
         else:
             if reader.header.encrypted:  # sealed once, under the nonce of its first block
                 payload = reader.keys().open_payload(first, spec.PAYLOAD_ZSTD_GROUP, payload, key)
-            data = decode_group(payload)
-            last.reader, last.offset, last.data = reader, offset, data
-        at = member * block_size
+            data = decode_group(payload, upto)
+            last.reader, last.offset, last.data, last.whole = reader, offset, data, upto is None
         raw = data[at : at + raw_length]
         if len(raw) != raw_length:
             raise IntegrityError(f"its group of {len(data)} bytes holds no block at position {member}")
@@ -74,4 +78,4 @@ class BlockOpener:
 
     def forget(self) -> None:
         """Drop this thread's decoded group (a few MiB) once it is no longer needed."""
-        self._last.reader, self._last.offset, self._last.data = None, -1, b""
+        self._last.reader, self._last.offset, self._last.data, self._last.whole = None, -1, b"", False

@@ -33,6 +33,7 @@ MAP_WINDOWS = 16  # windows kept
 CACHE_BYTES = 128 << 20  # decoded blocks kept
 RUN_BLOCKS = 8  # neighbouring blocks fetched and decoded as one job (a large read becomes several, in parallel)
 STREAMS = 16  # sequential readers followed at once (NBD clients open several connections)
+TOUCHED_GROUPS = 8  # grouped payloads remembered as read lately: the second read of one decodes all of it
 ERRORS_KEPT = 100
 READ_AHEAD_MAX = 16 << 20  # bytes read ahead of a sequential reader, at most
 DATA, ZERO, UNUSED = spec.BLOCK_DATA, spec.BLOCK_ZERO, spec.BLOCK_UNUSED
@@ -87,6 +88,7 @@ class PointView:
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="view")
         # sequential readers, by where their last read ended: (blocks to keep ahead, scheduled up to)
         self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self._touched: OrderedDict[tuple[int, int], None] = OrderedDict()  # groups read lately: (src, offset)
         self._zero = bytes(self.block_size)
         self.on_error = on_error
         self.errors: list[str] = []
@@ -149,6 +151,9 @@ class PointView:
         src, off, ln = bm.src[rel], bm.offset[rel].astype(np.int64), bm.length[rel].astype(np.int64)
         out: dict[int, _Got] = {}
         heads = [*np.flatnonzero(read_breaks(src, off, ln)).tolist(), len(blocks)]
+        # a group is decoded as far as the last of its blocks in this job (all of it for a whole group)
+        last_member = {(int(p), int(o)): bm.member_at(int(r))
+                       for p, o, r in zip(src.tolist(), off.tolist(), rel.tolist(), strict=True)}  # fmt: skip
         for i, j in itertools.pairwise(heads):
             reader = self._readers[int(src[i])]
             try:
@@ -161,18 +166,20 @@ class PointView:
             for k in range(i, j):
                 b = blocks[k]
                 payload = data[int(off[k] - off[i]) : int(off[k] - off[i] + ln[k])]
-                out[b] = self._prove(bm, b, reader, payload, b in asked)
+                out[b] = self._prove(bm, b, reader, payload, b in asked, last_member[int(src[k]), int(off[k])])
         self._opener.forget()
         return out
 
-    def _prove(self, bm: BlockMap, b: int, reader: PointReader, payload: memoryview, now: bool) -> _Got:
+    def _prove(self, bm: BlockMap, b: int, reader: PointReader, payload: memoryview, now: bool,
+               upto: int) -> _Got:  # fmt: skip
         assert bm.codec is not None and bm.offset is not None
         r = b - bm.start
         where = f"{reader.segment_at(int(bm.offset[r]))}: block {b} is corrupt"
         digest = bm.digest[r].tobytes()
         try:
             raw = self._opener.open(reader, b, int(bm.codec[r]), bm.key_at(r), bm.member_at(r), int(bm.offset[r]),
-                                    payload, bm.raw_length(b), self.block_size, digest if now else None)  # fmt: skip
+                                    payload, bm.raw_length(b), self.block_size, digest if now else None,
+                                    upto)  # fmt: skip
         except IntegrityError as e:
             return self._bad(b, f"{where} ({e})")
         return raw if now else _Unproven(raw, digest, where)
@@ -196,7 +203,7 @@ class PointView:
             self.on_error(message)
         return _Bad(message, transient)
 
-    def _schedule(self, first: int, last: int) -> list[Future[_Got]]:
+    def _schedule(self, first: int, last: int, sequential: bool = True) -> list[Future[_Got]]:
         """Futures of blocks [first, last): cached ones as they are, the others submitted in runs."""
         futs: list[Future[_Got] | None] = []
         missing: list[int] = []
@@ -219,7 +226,7 @@ class PointView:
                     done.set_result(self._zero if bm.raw_length(b) == self.block_size else bytes(bm.raw_length(b)))
                     new[b] = done
             asked = set(data)
-            for run in _runs(self._whole_groups(bm, data), RUN_BLOCKS):
+            for run in _runs(self._units(bm, data, sequential), RUN_BLOCKS):
                 job = self._pool.submit(self._job, bm, run, asked)
                 for b in run:
                     new[b] = _pick(job, b)
@@ -230,9 +237,11 @@ class PointView:
                 self._cache.popitem(last=False)
         return [f if f is not None else new[first + i] for i, f in enumerate(futs)]
 
-    def _whole_groups(self, bm: BlockMap, data: list[int]) -> list[list[int]]:
-        """The DATA blocks to fetch as units: a block of a group brings the rest of its group (within the
-        window) that is not cached yet, so a group is decoded once, not once per block read."""
+    def _units(self, bm: BlockMap, data: list[int], sequential: bool) -> list[list[int]]:
+        """The DATA blocks to fetch, as units a job never splits. A block of a group read in sequence, or of
+        a group read lately, brings the rest of its group (within the window) that is not cached yet: the
+        group is decoded once for all of them. A random read of a group not read lately takes only its
+        block, and decodes the group no further: a random 4 KiB read costs part of a group, not all."""
         assert bm.codec is not None and bm.src is not None and bm.offset is not None
         units: list[list[int]] = []
         asked = set(data)
@@ -241,6 +250,16 @@ class PointView:
                 continue  # brought by the group before
             i = b - bm.start
             if bm.codec[i] != spec.PAYLOAD_ZSTD_GROUP:
+                units.append([b])
+                continue
+            key = (int(bm.src[i]), int(bm.offset[i]))
+            with self._lock:
+                again = key in self._touched
+                self._touched[key] = None
+                self._touched.move_to_end(key)
+                while len(self._touched) > TOUCHED_GROUPS:
+                    self._touched.popitem(last=False)
+            if not (sequential or again):
                 units.append([b])
                 continue
             lo = max(0, i - bm.member_at(i))
@@ -267,7 +286,9 @@ class PointView:
             return b""
         bs = self.block_size
         first, last = offset // bs, -(-end // bs)
-        futs = self._schedule(first, last)
+        with self._lock:
+            sequential = first in self._streams  # it starts where an earlier read ended
+        futs = self._schedule(first, last, sequential)
         self._read_ahead(first, last)
         parts = []
         for i, f in enumerate(futs):

@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 import imagechain.engine.backup as engine
+import imagechain.engine.verify as verify_mod
 import imagechain.payload as payload_mod
 from imagechain.address import open_point
 from imagechain.codec import CodecParams, decode_group
@@ -149,6 +150,10 @@ def test_each_reader_decodes_a_group_once(tmp_path: Path, repo: Path, monkeypatc
     restore(res.repo, res.point, str(tmp_path / "out.img"))
     assert sorted(calls) == sorted((int(g["length"][0]), None) for g in groups.values())
     calls.clear()
+    assert verify(res.repo, res.point).ok
+    assert sorted(calls) == sorted((int(g["length"][0]), None) for g in groups.values())
+    calls.clear()
+    monkeypatch.setattr(verify_mod, "READ_BYTES", 1)  # a batch per payload: none may cut a group in two
     assert verify(res.repo, res.point).ok
     assert sorted(calls) == sorted((int(g["length"][0]), None) for g in groups.values())
     g = max(groups.values(), key=len)

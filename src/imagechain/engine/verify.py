@@ -246,12 +246,12 @@ def _batches(r: PointReader) -> Iterator[np.ndarray]:
         start, acc, last = 0, 0, -1
         for i, (off, ln) in enumerate(zip(data["offset"].tolist(), data["length"].tolist(), strict=True)):
             if off == last:
-                continue  # the next block of the same group: its payload is counted, and stays in this batch
+                continue  # the next block of the same group: counted with it, and kept in its batch
+            if acc >= READ_BYTES:  # a batch ends where a payload begins, never inside a group
+                yield data[start:i]
+                start, acc = i, 0
             last = off
             acc += ln
-            if acc >= READ_BYTES:
-                yield data[start : i + 1]
-                start, acc = i + 1, 0
         if start < len(data):
             yield data[start:]
 

@@ -4,8 +4,10 @@ FUSE mounts, the NBD server and exports are thin adapters over this. Opening a v
 footers only; the block map is resolved a window at a time from the index frames that cover what is
 read (the frame directory finds them), and kept in a small LRU. Blocks are fetched (neighbours in one
 read), decrypted, decoded and proven against their digest on worker threads, kept in an LRU of decoded
-blocks, and read ahead when access is sequential. A block that fails its proof is never served: the
-read raises IntegrityError naming the block and file (FUSE and NBD answer EIO for that range only)."""
+blocks, and read ahead when access is sequential. A grouped payload (format 1.5) is decoded once for the
+blocks of it that are read together; those decoded along but not asked for are proven when first read. A
+block that fails its proof is never served: the read raises IntegrityError naming the block and file (FUSE
+and NBD answer EIO for that range only)."""
 
 from __future__ import annotations
 

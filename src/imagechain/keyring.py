@@ -37,6 +37,7 @@ from .crypto import (
 from .errors import CredentialsError, IntegrityError, UsageError
 from .format import spec
 from .format.reader import PointFiles
+from .stores import temporary_name
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -69,7 +70,7 @@ class KeyStore:
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
             path = self._path(chain_id)
-            tmp = f"{path}.tmp-{os.urandom(4).hex()}"
+            tmp = temporary_name(path)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -30,7 +30,7 @@ from .errors import LockedError, RepositoryError
 from .identity import HostIdentity, read_text
 from .mapcache import default_cache_dir
 from .sizes import env_seconds
-from .stores import Store
+from .stores import Store, temporary_name
 
 REFRESH_EVERY = 60.0  # IMAGECHAIN_LOCK_REFRESH overrides it
 STALE_AFTER = 3600.0  # IMAGECHAIN_LOCK_STALE_AFTER overrides it
@@ -185,7 +185,7 @@ def _unchanged_for(seen_dir: str, store: Store, name: str, content: bytes) -> fl
     except (OSError, ValueError, AttributeError):
         pass
     rec = {"store": store.url, "lock": name, "digest": digest, "first_seen": now}
-    tmp = f"{path}.tmp-{os.urandom(4).hex()}"
+    tmp = temporary_name(path)
     try:
         os.makedirs(seen_dir, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:

@@ -36,7 +36,7 @@ from ..partitions import relocate_gpt_backup
 from ..payload import BlockOpener
 from ..repository import Repository
 from ..sources import device_size
-from ..stores import TEMP_MARK
+from ..stores import temporary_name
 from ..stores.local import fsync_folder
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
@@ -349,7 +349,7 @@ class Target:
         except FileNotFoundError:
             _refuse_repository_file(path, None, repo)
             folder = os.path.dirname(os.path.abspath(path))
-            tmp = os.path.join(folder, f"{os.path.basename(path)}{TEMP_MARK}{os.urandom(4).hex()}")
+            tmp = temporary_name(os.path.join(folder, os.path.basename(path)))
             try:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as e:

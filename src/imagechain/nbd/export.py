@@ -21,7 +21,7 @@ from ..errors import ImagechainError, IntegrityError, MountError, NoSpaceError, 
 from ..format.reader import PointFiles
 from ..keyring import Keyring
 from ..repository import Repository
-from ..stores import TEMP_MARK
+from ..stores import temporary_name
 from ..stores.local import fsync_folder
 from ..view import PointView
 from .server import NbdServer, close_view
@@ -62,7 +62,7 @@ def export(repo: Repository, point: PointFiles, out: str, fmt: str, *, cat: Cata
     view = PointView(repo, point, cat=cat, keyring=keyring, threads=threads)
     server = NbdServer(view, log=errors.append)
     folder, base = os.path.split(os.path.abspath(out))
-    tmp = os.path.join(folder, f"{base}{TEMP_MARK}{os.urandom(4).hex()}")
+    tmp = temporary_name(os.path.join(folder, base))
     proc: subprocess.Popen[str] | None = None
     try:
         uri = server.start_background()

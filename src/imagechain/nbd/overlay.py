@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import MountError, UsageError
 from ..format import spec
-from ..stores import TEMP_MARK
+from ..stores import temporary_name
 from ..stores.local import fsync_folder
 from ..view import Extent
 from .server import Disk
@@ -266,7 +266,7 @@ def _create_record(rec: str, size: int, point_id: uuid.UUID, nbytes: int) -> Non
     """The record appears whole, by rename, or not at all."""
     head = json.dumps({"format": FORMAT, "point_id": str(point_id), "volume_size": size, "granule": GRANULE,
                        "created": datetime.now(UTC).isoformat(timespec="seconds")}).encode()  # fmt: skip
-    tmp = f"{rec}{TEMP_MARK}{os.urandom(4).hex()}"
+    tmp = temporary_name(rec)
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from ..errors import UsageError
-from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry, temporary_of
+from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry, temporary_name, temporary_of
 from .local import LocalStore
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -55,4 +55,4 @@ def parent_location(location: str) -> tuple[str, str]:
 
 
 __all__ = ["TEMP_MARK", "AtomicWriter", "LocalStore", "RandomReader", "Store", "StoreEntry", "is_remote",
-           "local_path", "open_store", "parent_location", "temporary_of"]  # fmt: skip
+           "local_path", "open_store", "parent_location", "temporary_name", "temporary_of"]  # fmt: skip

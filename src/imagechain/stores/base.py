@@ -5,6 +5,7 @@ visible under its final name; a crash before that leaves at most a temporary tha
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -14,6 +15,11 @@ from dataclasses import dataclass
 _COUNT_LOCK = threading.Lock()
 TEMP_MARK = ".tmp-"  # temporaries are named <final name>.tmp-<8 lowercase hex digits>
 _TEMPORARY = re.compile(r"^(.+)\.tmp-[0-9a-f]{8}$")
+
+
+def temporary_name(final: str) -> str:
+    """A fresh temporary name for a file to be published as `final` (docs/FORMAT.md section 9)."""
+    return f"{final}{TEMP_MARK}{os.urandom(4).hex()}"
 
 
 def temporary_of(name: str) -> str | None:

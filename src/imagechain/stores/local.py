@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from ..errors import NoSpaceError, RepositoryError
 from ..fsprobe import PROBE_BYTES, probe
-from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry
+from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry, temporary_name
 
 # errors meaning "this filesystem (or its FUSE driver) cannot fsync a folder", not "the data is at risk"
 DROP_BEHIND = 64 << 20  # written bytes flushed and dropped from the page cache at a time
@@ -98,7 +98,7 @@ class _LocalWriter(AtomicWriter):
         self.name = name
         self._store = store
         self._final = store.path(name)
-        self._tmp = f"{self._final}{TEMP_MARK}{os.urandom(4).hex()}"
+        self._tmp = temporary_name(self._final)
         try:
             _make_dirs(os.path.dirname(self._final))
             self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
@@ -281,7 +281,7 @@ class LocalStore(Store):
             _make_dirs(os.path.dirname(p))
         except OSError as e:
             _raise_io(e, name)
-        tmp = f"{p}{TEMP_MARK}{os.urandom(4).hex()}"
+        tmp = temporary_name(p)
         try:
             self._write_new(tmp, data, name)
             try:

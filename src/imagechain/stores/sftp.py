@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import stat
 import struct
 import threading
@@ -23,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from ..errors import CredentialsError, NoSpaceError, RepositoryError
-from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry
+from .base import TEMP_MARK, AtomicWriter, RandomReader, Store, StoreEntry, temporary_name
 from .sftp_wire import (
     _ATTR_TIME,
     _ATTRS,
@@ -358,7 +357,7 @@ class SftpStore(Store):
     def _create_exclusive(self, c: _Sftp, name: str, data: bytes) -> bool:
         self._parent_dirs(c, name)
         path = self.path(name)
-        tmp = f"{path}{TEMP_MARK}{os.urandom(4).hex()}"
+        tmp = temporary_name(path)
         try:
             self._write_new(c, tmp, data, name)
             try:
@@ -498,7 +497,7 @@ class _SftpWriter(AtomicWriter):
         self.name = name
         self._store = store
         self._final = store.path(name)
-        self._tmp = f"{self._final}{TEMP_MARK}{os.urandom(4).hex()}"
+        self._tmp = temporary_name(self._final)
         self._buf = bytearray()
         self._flight: deque[_Reply] = deque()
         self._pos = self._sent = 0

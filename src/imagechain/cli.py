@@ -73,7 +73,7 @@ def say(line: str) -> None:
     """One line on stderr, as it is (notices, errors): through rich only on a terminal, where a progress bar
     may be drawn; otherwise written directly, without importing rich for it."""
     if sys.stderr.isatty():
-        err.print(line, markup=False, soft_wrap=True)
+        err.print(line, soft_wrap=True)  # the console prints no markup
     else:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
@@ -401,7 +401,7 @@ def list_(repo: str, as_json: bool) -> None:
         if len(gen_tips) > 1:
             why = "forked" if any(len(p["children"]) > 1 for p in pts) else "split by a missing point"
             out.print(f"  {why}: {len(gen_tips)} branches, tips {', '.join(x[:8] for x in gen_tips)}; backup "
-                      f"continues one with --parent POINT", markup=False, soft_wrap=True)  # fmt: skip
+                      f"continues one with --parent POINT", soft_wrap=True)  # fmt: skip
     for p in (p for pts in rows for p in pts if "summary_problem" in p):
         say(f"notice: point {p['point_id'][:8]}: {p['summary_problem']} (statistics only)")  # fmt: skip
     for _f, why in cat.damaged.values():

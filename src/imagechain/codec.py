@@ -62,6 +62,13 @@ def _zstd(level: int) -> zstandard.ZstdCompressor:
     return zc
 
 
+def _unzstd() -> zstandard.ZstdDecompressor:
+    zd = _local.zd
+    if zd is None:
+        zd = _local.zd = zstandard.ZstdDecompressor()
+    return zd
+
+
 def encode(params: CodecParams, block: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     """Return (payload codec, payload). Falls back to raw when compression does not shrink the block.
 
@@ -97,9 +104,7 @@ def decode_group(payload: bytes | memoryview, upto: int | None = None) -> bytes:
         size = zstandard.frame_content_size(payload)
         if size < 0 or size > spec.GROUP_MAX_BYTES:
             raise IntegrityError(f"group payload declares {size} bytes (at most {spec.GROUP_MAX_BYTES} allowed)")
-        zd = _local.zd
-        if zd is None:
-            zd = _local.zd = zstandard.ZstdDecompressor()
+        zd = _unzstd()
         if upto is not None and upto < size:
             part = bytearray(upto)
             with zd.stream_reader(payload) as r:
@@ -124,10 +129,7 @@ def decode(codec: int, payload: bytes | memoryview, raw_length: int) -> bytes:
         if codec == spec.PAYLOAD_RAW:
             out = bytes(payload)
         elif codec == spec.PAYLOAD_ZSTD:
-            zd = _local.zd
-            if zd is None:
-                zd = _local.zd = zstandard.ZstdDecompressor()
-            out = zd.decompress(payload, max_output_size=raw_length)
+            out = _unzstd().decompress(payload, max_output_size=raw_length)
         elif codec == spec.PAYLOAD_LZ4:
             import lz4.block
 

@@ -50,7 +50,7 @@ class BlockOpener:
             if reader.header.encrypted:
                 payload = reader.keys().open_payload(block, codec, payload, key)
             raw = decode(codec, payload, raw_length)
-        if digest is not None and self._digest(raw) != digest:
+        if digest is not None and not self.proves(raw, digest):
             raise IntegrityError("digest mismatch")
         return raw
 

@@ -228,7 +228,7 @@ class PointView:
                     done.set_result(self._zero if bm.raw_length(b) == self.block_size else bytes(bm.raw_length(b)))
                     new[b] = done
             asked = set(data)
-            for run in _runs(self._units(bm, data, sequential), RUN_BLOCKS):
+            for run in _runs(self._units(bm, data, asked, sequential), RUN_BLOCKS):
                 job = self._pool.submit(self._job, bm, run, asked)
                 for b in run:
                     new[b] = _pick(job, b)
@@ -239,14 +239,13 @@ class PointView:
                 self._cache.popitem(last=False)
         return [f if f is not None else new[first + i] for i, f in enumerate(futs)]
 
-    def _units(self, bm: BlockMap, data: list[int], sequential: bool) -> list[list[int]]:
+    def _units(self, bm: BlockMap, data: list[int], asked: set[int], sequential: bool) -> list[list[int]]:
         """The DATA blocks to fetch, as units a job never splits. A block of a group read in sequence, or of
         a group read lately, brings the rest of its group (within the window) that is not cached yet: the
         group is decoded once for all of them. A random read of a group not read lately takes only its
         block, and decodes the group no further: a random 4 KiB read costs part of a group, not all."""
         assert bm.codec is not None and bm.src is not None and bm.offset is not None
         units: list[list[int]] = []
-        asked = set(data)
         for b in data:
             if units and b <= units[-1][-1]:
                 continue  # brought by the group before

@@ -50,7 +50,7 @@ MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 4 << 10, 16 << 20
 CHUNK_BYTES = 8 << 20
 # consecutive changed blocks of a chunk are stored as one group (zstd only, docs/FORMAT.md section 4): on the
 # benchmark volume, 64 KiB blocks one by one store 6% more than partclone+zstd, 2 MiB groups 0.2% more and
-# 8 MiB groups 0.3% less (bench/README.md); a view's random read decodes up to this much
+# 8 MiB groups 0.3% less (docs/ARCHITECTURE.md); a view's random read decodes up to this much
 GROUP_BYTES = CHUNK_BYTES
 HOLE_SPAN = 128  # chunks a hole of an image-file source may cover in one pipeline item (1 GiB)
 FAT_SPLIT = 4000 << 20  # below FAT32's 4 GiB - 1 file size limit

@@ -242,3 +242,30 @@ def test_a_view_proves_each_block_of_a_group_it_serves(tmp_path: Path, repo: Pat
         with pytest.raises(IntegrityError):  # the failure is kept: the block is not served later either
             v.read(other * BS, 100)
         assert v.read((other + 1) * BS, 100) == data[(other + 1) * BS : (other + 1) * BS + 100]
+
+
+def test_an_entry_that_names_no_block_of_its_group_is_refused() -> None:
+    """A hostile or damaged index entry: a position past the group's end, or before the volume's start,
+    is one IntegrityError, never a short or shifted block."""
+    import blake3
+
+    class Plain:  # a point without encryption (unit test: the opener needs only these two things)
+        header = type("H", (), {"encrypted": False})()
+
+        def keys(self) -> None:  # pragma: no cover - never asked for a plain point
+            raise AssertionError
+
+    blocks = [bytes([i]) * BS for i in range(3)]
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"".join(blocks))
+    opener = payload_mod.BlockOpener(lambda d: blake3.blake3(d).digest())
+    reader = Plain()
+    ok = opener.open(reader, 11, spec.PAYLOAD_ZSTD_GROUP, 0, 1, 500, frame, BS, BS,  # type: ignore[arg-type]
+                     blake3.blake3(blocks[1]).digest())
+    assert ok == blocks[1]
+    with pytest.raises(IntegrityError, match="holds no block at position 3"):
+        opener.open(reader, 13, spec.PAYLOAD_ZSTD_GROUP, 0, 3, 500, frame, BS, BS, None)  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError, match="past the volume's start"):
+        opener.open(reader, 1, spec.PAYLOAD_ZSTD_GROUP, 0, 2, 600, frame, BS, BS, None)  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError, match="digest mismatch"):
+        opener.open(reader, 12, spec.PAYLOAD_ZSTD_GROUP, 0, 2, 700, frame, BS, BS,  # type: ignore[arg-type]
+                    blake3.blake3(blocks[1]).digest())

@@ -14,7 +14,7 @@ import numpy as np
 
 from .fsprobe import PROBE_BYTES, probe
 from .partitions import TableError, read_table, to_json
-from .usedmap import Area, Unusable, UsedMap, parsers
+from .usedmap import Area, Unusable, UsedMap, parser
 
 Read = Callable[[int, int], bytes]
 
@@ -34,7 +34,7 @@ def _filesystem(read: Read, base: int, size: int, umap: UsedMap, what: str,
     head = read(base, min(size, PROBE_BYTES))
     p = probe(head)
     kind = p.kind if p else ""
-    parse = parsers().get(kind)
+    parse = parser(kind)
     if parse is None:
         umap.mark(base, size)
         why = f"no used-block map for {kind}" if kind else "no filesystem recognised"

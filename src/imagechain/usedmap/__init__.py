@@ -15,6 +15,7 @@ volume); they need not be aligned to anything: a block counts as used when any b
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,8 +119,16 @@ def unit_text(n: int) -> str:
 Parser = Callable[[Area], str]
 
 
-def parsers() -> dict[str, Parser]:
-    """Parsers by the filesystem kind `fsprobe.probe` reports."""
-    from . import exfat, ext4, fat, ntfs, xfs
+# the module that parses each filesystem kind `fsprobe.probe` reports
+_MODULES = {"ext4": "ext4", "xfs": "xfs", "ntfs": "ntfs", "vfat": "fat", "exfat": "exfat"}
 
-    return {"ext4": ext4.parse, "xfs": xfs.parse, "ntfs": ntfs.parse, "vfat": fat.parse, "exfat": exfat.parse}
+
+def parser(kind: str) -> Parser | None:
+    """The parser of a filesystem kind `fsprobe.probe` reports, or None. Only that one module is loaded:
+    a backup pays the start-up of the parser it uses, not of all five."""
+    name = _MODULES.get(kind)
+    if name is None:
+        return None
+    module = importlib.import_module(f"{__name__}.{name}")
+    parse: Parser = module.parse
+    return parse

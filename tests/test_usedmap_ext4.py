@@ -381,3 +381,21 @@ def test_crc32c_is_castagnolis_and_loads_without_the_packages_start_up() -> None
             "print(hex(crc.crc32c(b'123456789')), hex(crc.crc32c_raw(0, b'')), 'importlib.metadata' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     assert out == ["0xe3069283", "0x0", "False"], out
+
+
+def test_only_the_parser_of_the_filesystem_found_is_loaded() -> None:
+    """Each kind fsprobe reports has its parser; asking for ext4's loads no other parser module (their
+    start-up is paid by the backups that need them)."""
+    import sys
+
+    from imagechain import usedmap
+    from imagechain.usedmap import exfat, ext4, fat, ntfs, xfs
+
+    want = {"ext4": ext4.parse, "xfs": xfs.parse, "ntfs": ntfs.parse, "vfat": fat.parse, "exfat": exfat.parse}
+    assert {k: usedmap.parser(k) for k in want} == want
+    assert usedmap.parser("btrfs") is None and usedmap.parser("") is None
+    parsers = [f"imagechain.usedmap.{m}" for m in ("ext4", "xfs", "ntfs", "fat", "exfat")]
+    code = ("import sys; from imagechain.usedmap import parser; p = parser('ext4'); "
+            f"print(p.__module__, *[m for m in {parsers!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out == ["imagechain.usedmap.ext4", "imagechain.usedmap.ext4"], out

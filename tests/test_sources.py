@@ -337,3 +337,23 @@ def test_check_name_rejects(name: str) -> None:
                                   " padded "])  # fmt: skip
 def test_check_name_accepts(name: str) -> None:
     assert check_name("host", name) is name
+
+
+def test_data_chunks_of_a_sparse_image(tmp_path: Path) -> None:
+    """Which chunks of an image file hold data: a chunk touched by one byte of data counts, holes at the
+    end and a file of holes only count as none."""
+    img = tmp_path / "sparse.img"
+    with open(img, "wb") as f:
+        f.write(b"\1" * (MiB + MiB // 2))  # chunks 0 and 1
+        f.seek(7 * MiB + 4096)
+        f.write(b"\2" * 4096)  # chunk 7
+        f.truncate(10 * MiB + 5)  # chunk 10 is 5 bytes of hole
+    with open_source(str(img)) as src:
+        got = src.data_chunks(MiB)
+    assert got is not None and list(got) == [1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0]
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    os.truncate(empty, 3 * MiB)
+    with open_source(str(empty)) as src:
+        got = src.data_chunks(MiB)
+    assert got is not None and list(got) == [0, 0, 0]

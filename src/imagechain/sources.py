@@ -122,14 +122,33 @@ class Source:
         with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
-    def hole(self, offset: int, length: int) -> bool:
-        """True when [offset, offset+length) of an image file is a hole (reads as zeros, costs no read)."""
+    def data_chunks(self, chunk: int) -> bytearray | None:
+        """Per `chunk` bytes of an image file: 1 where it holds data, 0 where it is all hole; None for a
+        device, which has no holes. One walk over SEEK_DATA/SEEK_HOLE, made before the volume is read: a
+        hole the kernel has read ahead into (an unwritten extent with pages in the cache) reports as data
+        afterwards, and was then read in full."""
+        n = -(-self.size // chunk)
         if self.is_device:
-            return False
+            return None
+        out = bytearray(n)
+        off = 0
         try:
-            return os.lseek(self.fd, offset, os.SEEK_DATA) >= offset + length
-        except OSError as e:
-            return e.errno == errno.ENXIO  # no data at or after offset
+            while off < self.size:
+                try:
+                    first = os.lseek(self.fd, off, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # no data at or after off
+                        break
+                    raise
+                if first >= self.size:
+                    break
+                end = min(os.lseek(self.fd, first, os.SEEK_HOLE), self.size)
+                a, b = first // chunk, (end - 1) // chunk + 1
+                out[a:b] = b"\1" * (b - a)
+                off = max(end, first + 1)
+        except OSError:  # SEEK_DATA refused: every chunk is read
+            return bytearray(b"\1" * n)
+        return out
 
     def lock_record(self) -> dict[str, object]:
         """What a chain lock says is being read, so a restore can refuse to write over it meanwhile."""

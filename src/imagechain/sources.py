@@ -124,9 +124,9 @@ class Source:
 
     def data_chunks(self, chunk: int) -> bytearray | None:
         """Per `chunk` bytes of an image file: 1 where it holds data, 0 where it is all hole; None for a
-        device, which has no holes. One walk over SEEK_DATA/SEEK_HOLE, made before the volume is read: a
-        hole the kernel has read ahead into (an unwritten extent with pages in the cache) reports as data
-        afterwards, and was then read in full."""
+        device, which has no holes. One walk over SEEK_DATA/SEEK_HOLE, made before the volume is read: once
+        the kernel has read ahead into a hole that is an unwritten extent, SEEK_DATA reports its cached pages
+        as data."""
         n = -(-self.size // chunk)
         if self.is_device:
             return None

@@ -170,9 +170,9 @@ def test_holes_are_skipped_even_where_the_kernel_read_ahead_into_them(tmp_path: 
     r = backup(str(img), str(repo))
     assert r.read_bytes == 48 * MiB  # the 16 MiB extent was planned as a hole and never read
     if shutil.which("fincore"):  # and what the kernel read ahead into it was dropped with the rest
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(img)],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
-        assert int(out.split()[0]) < 4 * MiB
+        cached = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(img)],
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert int(cached.split()[0]) < 4 * MiB
     out = tmp_path / "out.img"
     res = open_point(f"{repo}::default")
     restore(res.repo, res.point, str(out))

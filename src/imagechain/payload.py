@@ -7,8 +7,9 @@ the last group it decoded, and the next block of that group is a slice of it ins
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Protocol
+
+import blake3
 
 from .codec import decode, decode_group
 from .crypto import PointKeys
@@ -33,9 +34,13 @@ class _Last(threading.local):
 
 
 class BlockOpener:
-    def __init__(self, digest: Callable[[bytes | memoryview], bytes]) -> None:
-        self._digest = digest  # plain BLAKE3, or keyed under the chain's digest key
+    def __init__(self, keys: PointKeys | None) -> None:
+        self._keys = keys  # an encrypted chain's: its digests are keyed under the chain's digest key
         self._last = _Last()
+
+    def digest(self, data: bytes | memoryview) -> bytes:
+        """A block's digest as the chain's maps record it: plain BLAKE3, or keyed."""
+        return blake3.blake3(data).digest() if self._keys is None else self._keys.digest(data)
 
     def open(self, reader: Sealed, block: int, codec: int, key: int, member: int, offset: int,
              payload: bytes | memoryview, raw_length: int, block_size: int, digest: bytes | None,
@@ -55,7 +60,7 @@ class BlockOpener:
         return raw
 
     def proves(self, raw: bytes, digest: bytes) -> bool:
-        return self._digest(raw) == digest
+        return self.digest(raw) == digest
 
     def _member(self, reader: Sealed, block: int, key: int, member: int, offset: int, payload: bytes | memoryview,
                 raw_length: int, block_size: int, upto: int | None) -> bytes:  # fmt: skip

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import blake3
 import numpy as np
 
 from .blockmap import BlockMap, block_count, read_breaks
@@ -94,10 +93,7 @@ class PointView:
         self._zero = bytes(self.block_size)
         self.on_error = on_error
         self.errors: list[str] = []
-        self._opener = BlockOpener(self._digest)
-
-    def _digest(self, data: bytes | memoryview) -> bytes:
-        return blake3.blake3(data).digest() if self.keys is None else self.keys.digest(data)
+        self._opener = BlockOpener(self.keys)
 
     # -- the map
 

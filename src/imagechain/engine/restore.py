@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-import blake3
 import numpy as np
 
 from .. import interrupts
@@ -74,10 +73,7 @@ class PayloadSource:
         self.readers = [PointReader(repo.store, p) for p in points]
         self.points = points
         self.keys = points[-1].keys  # an encrypted chain's (every point of a lineage shares its digest key)
-        self.opener = BlockOpener(self.digest)
-
-    def digest(self, data: bytes | memoryview) -> bytes:
-        return blake3.blake3(data).digest() if self.keys is None else self.keys.digest(data)
+        self.opener = BlockOpener(self.keys)
 
     def fetch(self, bm: BlockMap, blocks: np.ndarray) -> list[memoryview]:
         """Payloads for DATA blocks (ascending block numbers inside the window bm); the blocks of one group
@@ -298,7 +294,7 @@ class _Restore:
                     zeros.append(b)
             elif (lead and b == p.s) or len(cur) < bm.raw_length(b):
                 differ.append(b)  # a block cut by the window's edges: compare what lies inside the window
-            elif self.payloads.digest(cur) != bm.digest[b - bm.start].tobytes():
+            elif self.payloads.opener.digest(cur) != bm.digest[b - bm.start].tobytes():
                 differ.append(b)
         raws = self.payloads.verified(bm, differ)
         if lead or len(current) < (p.e - p.s) * bs:

@@ -261,7 +261,7 @@ def _check_payloads(r: PointReader, h: spec.PointHeader, threads: int,
     """(bad blocks with the file holding each, DATA blocks checked)."""
     geometry = BlockMap(h.volume_size, h.block_size, np.zeros(0, np.uint8), np.zeros((0, 32), np.uint8))
     keys = r.keys() if h.encrypted else None
-    opener = BlockOpener(spec.b3 if keys is None else keys.digest)
+    opener = BlockOpener(keys)
 
     def work(batch: np.ndarray) -> tuple[int, int, list[tuple[int, str]]]:
         bad = []

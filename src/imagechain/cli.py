@@ -77,6 +77,8 @@ def say(line: str) -> None:
     else:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 LOCK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}")
 

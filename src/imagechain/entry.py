@@ -1,22 +1,41 @@
 """The console script: stop signals are routed before anything heavy is imported, so a Ctrl-C or
-SIGTERM in the first instant ends with one line and exit 128 + signal, never a traceback."""
+SIGTERM in the first instant ends with one line and exit 128 + signal, never a traceback. What the
+interpreter does before the first line of this module (its own start-up, finding the package) is Python's:
+a Ctrl-C there gets its KeyboardInterrupt traceback, a SIGTERM its default death."""
 
 from __future__ import annotations
 
-import gc
-import os
-import sys
+import _signal  # type: ignore[import-not-found]  # built in, without stubs
 
-from . import interrupts
-from .interrupts import Stopped
+# Noted from the first line the interpreter runs of imagechain: the signal module imports enum before it can
+# set a handler, and under load a Ctrl-C in those tens of milliseconds came out as a KeyboardInterrupt
+# traceback from inside that import. The built-in _signal needs no import.
+_early: list[int] = []
+
+
+def _note(signum: int, _frame: object) -> None:
+    _early.append(signum)
+
+
+for _s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+    _signal.signal(_s, _note)
+
+import gc  # noqa: E402 - after the handlers: as little as possible runs without them
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from . import interrupts  # noqa: E402
+from .interrupts import Stopped  # noqa: E402
 
 
 def run() -> None:
-    interrupts.install()
     # numpy's BLAS would start a thread per core that spins in the background; imagechain does no linear
     # algebra (measured: 2% of a backup's CPU time went to those threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
+        interrupts.install()  # from here a stop signal raises Stopped (or waits in deferred())
+        if _early:  # one came while the modules that route them were imported
+            raise Stopped(_early[0])
         # held until the imports are done: a signal raised inside an extension module's import (numpy's)
         # comes out as an ImportError with a traceback, not as the stop it was
         with interrupts.deferred():

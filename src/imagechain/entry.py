@@ -9,7 +9,8 @@ import _signal  # type: ignore[import-not-found]  # built in, without stubs
 
 # Noted from the first line the interpreter runs of imagechain: the signal module imports enum before it can
 # set a handler, and under load a Ctrl-C in those tens of milliseconds came out as a KeyboardInterrupt
-# traceback from inside that import. The built-in _signal needs no import.
+# traceback from inside that import. The built-in _signal needs no import. So importing this module takes
+# over the stop signals: only the console script and `python -m imagechain` import it.
 _early: list[int] = []
 
 

@@ -7,9 +7,8 @@ the last group it decoded, and the next block of that group is a slice of it ins
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Protocol
-
-import blake3
 
 from .codec import decode, decode_group
 from .crypto import PointKeys
@@ -33,14 +32,16 @@ class _Last(threading.local):
     whole: bool = False  # data is the whole group, not the part before some block
 
 
+def block_digest(keys: PointKeys | None) -> Callable[[bytes | memoryview], bytes]:
+    """A block's digest as the chain's maps record it: plain BLAKE3, or keyed under an encrypted chain's
+    digest key. Chosen once, not per block."""
+    return spec.b3 if keys is None else keys.digest
+
+
 class BlockOpener:
     def __init__(self, keys: PointKeys | None) -> None:
-        self._keys = keys  # an encrypted chain's: its digests are keyed under the chain's digest key
+        self.digest = block_digest(keys)
         self._last = _Last()
-
-    def digest(self, data: bytes | memoryview) -> bytes:
-        """A block's digest as the chain's maps record it: plain BLAKE3, or keyed."""
-        return blake3.blake3(data).digest() if self._keys is None else self._keys.digest(data)
 
     def open(self, reader: Sealed, block: int, codec: int, key: int, member: int, offset: int,
              payload: bytes | memoryview, raw_length: int, block_size: int, digest: bytes | None,

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import blake3
 import numpy as np
 
 from .. import __version__, interrupts
@@ -33,6 +32,7 @@ from ..keyring import Keyring, keys_for_new_point
 from ..limits import Limits, RateLimiter, pieces
 from ..lock import ChainLock
 from ..mapcache import MapFile, MapWriter, cache_path, commit_tip, default_cache_dir, open_cached
+from ..payload import block_digest
 from ..repository import Repository
 from ..snapshots import Capture, Plan, SnapshotOptions, plan_snapshot
 from ..sources import Source, check_name, open_source, same_source
@@ -681,9 +681,7 @@ def _run(
         pass
 
     keys = pipe.keys
-
-    def digest(block: memoryview) -> bytes:
-        return blake3.blake3(block).digest() if keys is None else keys.digest(block)
+    digest = block_digest(keys)
 
     depth = pipe.depth or pipe.threads * 2 + 6
     buffers = _Buffers(depth)

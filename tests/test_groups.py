@@ -170,6 +170,45 @@ def test_each_reader_decodes_a_group_once(tmp_path: Path, repo: Path, monkeypatc
         assert len(mine) == 1 and (mine[0] is None or mine[0] >= len(blocks) * BS), calls  # whole, once
 
 
+def test_restore_decodes_a_group_once_around_newer_blocks_and_window_edges(
+        tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """An incremental's blocks lie between the blocks of its parent's groups, and a partition's window
+    starts where no group does: restore still decodes each group it needs once, and writes exactly."""
+    vol = tmp_path / "v.img"
+    data = bytearray(volume(vol))
+    backup(str(vol), str(repo), cache_dir=None)
+    g = max(groups_of(index(repo, "@0")).values(), key=len)
+    first = int(g["block"][0])
+    for k in (3, 4, 9, 10, 17, 18):  # pairs: groups of the incremental, between blocks of the full's group
+        at = (first + k) * BS
+        data[at : at + 10] = b"0123456789"
+    vol.write_bytes(data)
+    assert backup(str(vol), str(repo), cache_dir=None).changed_blocks == 6
+    assert len(groups_of(index(repo, "@1"))) == 3
+    calls: list[bytes] = []
+    real = payload_mod.decode_group
+
+    def counting(payload: bytes | memoryview, upto: int | None = None) -> bytes:
+        calls.append(bytes(payload))
+        return real(payload, upto)
+
+    monkeypatch.setattr(payload_mod, "decode_group", counting)
+    res = open_point(f"{repo}::default@latest")
+    out = tmp_path / "out.img"
+    restore(res.repo, res.point, str(out))
+    assert out.read_bytes() == bytes(data)
+    want = sorted(int(x["length"][0]) for sel in ("@0", "@1") for x in groups_of(index(repo, sel)).values())
+    assert sorted(map(len, calls)) == want, (sorted(map(len, calls)), want)
+    # a window that starts inside the first group and spans three: the pieces of a restore start at the
+    # window, so they no longer start where groups do
+    calls.clear()
+    base, size = 50 * BS + 512, 12 * MiB
+    part = tmp_path / "part.img"
+    restore(res.repo, res.point, str(part), window=(base, size), threads=2)
+    assert part.read_bytes() == bytes(data[base : base + size])
+    assert calls and len(calls) == len(set(calls)), sorted(map(len, calls))
+
+
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_a_group_changed_in_part_is_merged_once(tmp_path: Path, repo: Path, encrypted: bool) -> None:
     """An incremental replaces one block inside a group; consolidation copies the group once, with the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol, overload
 
 from .codec import decode, decode_group
 from .crypto import PointKeys
@@ -43,15 +43,27 @@ class BlockOpener:
         self.digest = block_digest(keys)
         self._last = _Last()
 
+    @overload
     def open(self, reader: Sealed, block: int, codec: int, key: int, member: int, offset: int,
              payload: bytes | memoryview, raw_length: int, block_size: int, digest: bytes | None,
-             upto: int | None = None) -> bytes:  # fmt: skip
+             upto: int | None = None, borrow: Literal[False] = False) -> bytes: ...  # fmt: skip
+
+    @overload
+    def open(self, reader: Sealed, block: int, codec: int, key: int, member: int, offset: int,
+             payload: bytes | memoryview, raw_length: int, block_size: int, digest: bytes | None,
+             upto: int | None = None, *, borrow: bool) -> bytes | memoryview: ...  # fmt: skip
+
+    def open(self, reader: Sealed, block: int, codec: int, key: int, member: int, offset: int,
+             payload: bytes | memoryview, raw_length: int, block_size: int, digest: bytes | None,
+             upto: int | None = None, borrow: bool = False) -> bytes | memoryview:  # fmt: skip
         """The block's bytes, proven against `digest` (None: the caller proves them itself, later);
         IntegrityError says why not (the caller names the file and block). `upto`: the last position of its
-        group wanted now (a random read): the group is decoded that far, not to its end."""
+        group wanted now (a random read): the group is decoded that far, not to its end. `borrow`: a block of
+        a group comes as a view into the decoded group, not a copy (for a caller that is done with it before
+        the next group: kept, it keeps the whole group)."""
         if codec == spec.PAYLOAD_ZSTD_GROUP:
             end = None if upto is None else (max(upto, member) + 1) * block_size
-            raw = self._member(reader, block, key, member, offset, payload, raw_length, block_size, end)
+            raw = self._member(reader, block, key, member, offset, payload, raw_length, block_size, end, borrow)
         else:
             if reader.header.encrypted:
                 payload = reader.keys().open_payload(block, codec, payload, key)
@@ -60,11 +72,11 @@ class BlockOpener:
             raise IntegrityError("digest mismatch")
         return raw
 
-    def proves(self, raw: bytes, digest: bytes) -> bool:
+    def proves(self, raw: bytes | memoryview, digest: bytes) -> bool:
         return self.digest(raw) == digest
 
     def _member(self, reader: Sealed, block: int, key: int, member: int, offset: int, payload: bytes | memoryview,
-                raw_length: int, block_size: int, upto: int | None) -> bytes:  # fmt: skip
+                raw_length: int, block_size: int, upto: int | None, borrow: bool) -> bytes | memoryview:  # fmt: skip
         first = block - member  # a group holds consecutive blocks: member m is block first + m
         if first < 0:
             raise IntegrityError(f"group position {member} is past the volume's start")
@@ -77,7 +89,7 @@ class BlockOpener:
                 payload = reader.keys().open_payload(first, spec.PAYLOAD_ZSTD_GROUP, payload, key)
             data = decode_group(payload, upto)
             last.reader, last.offset, last.data, last.whole = reader, offset, data, upto is None
-        raw = data[at : at + raw_length]
+        raw = memoryview(data)[at : at + raw_length] if borrow else data[at : at + raw_length]
         if len(raw) != raw_length:
             raise IntegrityError(f"its group of {len(data)} bytes holds no block at position {member}")
         return raw

@@ -98,38 +98,42 @@ class PayloadSource:
             out.extend(data[int(off[i]) - base : int(off[i] + ln[i]) - base] for i in range(a, b))
         return out
 
-    def check(self, bm: BlockMap, block: int, payload: bytes | memoryview) -> bytes | memoryview:
-        """Decode one payload and prove it is the block that was backed up (a block of a group: a view into
-        the group, decoded once for all its blocks in a row)."""
-        assert bm.codec is not None and bm.src is not None and bm.offset is not None
-        i = block - bm.start
-        r = self.readers[int(bm.src[i])]
-        try:
-            return self.opener.open(r, block, int(bm.codec[i]), bm.key_at(i), bm.member_at(i), int(bm.offset[i]),
-                                    payload, bm.raw_length(block), bm.block_size, bm.digest[i].tobytes(),
-                                    borrow=True)  # fmt: skip
-        except IntegrityError as e:
-            raise IntegrityError(f"{r.segment_at(int(bm.offset[i]))}: block {block} is corrupt ({e})") from e
-
     def proven(self, bm: BlockMap, blocks: list[int],
                fetched: list[memoryview] | None = None) -> Iterator[list[tuple[int, bytes | memoryview]]]:  # fmt: skip
-        """The blocks (ascending, inside the window bm) as (block, bytes), proven, one payload at a time: the
-        blocks of a group come together, in block order, from one decoding of it. Blocks of an incremental
-        lie between those of its parent's groups; in block order, each switch decoded a group again (up to
-        20 times on the benchmark volume). Each list is valid until the next: it holds the group. `fetched`:
-        the blocks' payloads, when they were read ahead."""
-        assert bm.src is not None and bm.offset is not None
+        """The blocks (ascending, inside the window bm) as (block, bytes), each decoded and proven against its
+        digest, one payload at a time: the blocks of a group come together, in block order, from one
+        decoding of it, as views into it. Blocks of an incremental lie between those of its parent's groups;
+        in block order, each switch decoded a group again (up to 20 times on the benchmark volume). Each
+        list is valid until the next: it holds the group. `fetched`: the blocks' payloads, when they were
+        read ahead."""
+        assert bm.src is not None and bm.offset is not None and bm.codec is not None
         if fetched is None:
             fetched = self.fetch(bm, np.array(blocks, np.int64))
         rel = np.asarray(blocks, np.int64) - bm.start
+        # per piece, not per block: numpy's scalars cost more than the Python ints of a list
+        src, off, codec = bm.src[rel].tolist(), bm.offset[rel].tolist(), bm.codec[rel].tolist()
+        key = bm.key[rel].tolist() if bm.key is not None else [0] * len(rel)
+        member = bm.member[rel].tolist() if bm.member is not None else [0] * len(rel)
+        digests = bm.digest[rel].tobytes()
+        bs, vsize, opener = bm.block_size, bm.volume_size, self.opener
         by_payload: dict[tuple[int, int], list[int]] = {}
-        for k, where in enumerate(zip(bm.src[rel].tolist(), bm.offset[rel].tolist(), strict=True)):
+        for k, where in enumerate(zip(src, off, strict=True)):
             by_payload.setdefault(where, []).append(k)
         try:
             for ks in by_payload.values():
-                yield [(blocks[k], self.check(bm, blocks[k], fetched[k])) for k in ks]
+                out: list[tuple[int, bytes | memoryview]] = []
+                for k in ks:
+                    b, r = blocks[k], self.readers[src[k]]
+                    try:
+                        raw = opener.open(r, b, codec[k], key[k], member[k], off[k], fetched[k],
+                                          min(bs, vsize - b * bs), bs, digests[32 * k : 32 * k + 32],
+                                          borrow=True)  # fmt: skip
+                    except IntegrityError as e:
+                        raise IntegrityError(f"{r.segment_at(off[k])}: block {b} is corrupt ({e})") from e
+                    out.append((b, raw))
+                yield out
         finally:
-            self.opener.forget()  # this thread's last group: no longer needed
+            opener.forget()  # this thread's last group: no longer needed
 
     def close(self) -> None:
         for r in self.readers:
@@ -278,12 +282,14 @@ class _Restore:
 
     def place(self, off: int, bufs: list[bytes | memoryview]) -> None:
         """Write volume bytes (consecutive buffers) at volume offset off, the part inside the window."""
-        t, n = self.clip(off, sum(len(b) for b in bufs))
+        total = sum(len(b) for b in bufs)
+        t, n = self.clip(off, total)
         if n:
             if self.fresh:  # allocated in one go, not page by page as the writes dirty them (a sixth less
                 # kernel time); where the filesystem cannot, the write allocates as before
                 _libc.fallocate(self.tgt.fd, FALLOC_FL_KEEP_SIZE, t, n)
-            _pwritev_full(self.tgt.fd, _cut(bufs, t + self.base - off, n), t)
+            skip = t + self.base - off
+            _pwritev_full(self.tgt.fd, bufs if skip == 0 and n == total else _cut(bufs, skip, n), t)
             self._count(n)
 
     def put(self, writes: list[tuple[int, bytes | memoryview]]) -> None:
@@ -608,7 +614,7 @@ def _pwrite_full(fd: int, buf: bytes | memoryview, offset: int) -> None:
 def _pwritev_full(fd: int, bufs: list[bytes | memoryview], offset: int) -> None:
     """Write the buffers back to back from offset, in as few calls as the kernel takes (IOV_MAX each):
     the blocks of a run go out without first being joined into one buffer (a copy of all restored data)."""
-    views = [memoryview(b) for b in bufs]
+    views = list(bufs)
     while views:
         n = os.pwritev(fd, views[:IOV_MAX], offset)
         offset += n
@@ -616,7 +622,7 @@ def _pwritev_full(fd: int, bufs: list[bytes | memoryview], offset: int) -> None:
             n -= len(views[0])
             views.pop(0)
         if n:
-            views[0] = views[0][n:]
+            views[0] = memoryview(views[0])[n:]
 
 
 def _cut(bufs: list[bytes | memoryview], skip: int, n: int) -> list[bytes | memoryview]:

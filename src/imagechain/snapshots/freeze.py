@@ -36,10 +36,9 @@ def presync(paths: list[str]) -> None:
     """Write out what is dirty before freezing, while writers still run: the freeze then has little
     left to flush, and writers wait that much less. Best effort (a freeze flushes anyway)."""
     import ctypes
-    import ctypes.util
 
-    try:
-        syncfs = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).syncfs
+    try:  # the C library already loaded (find_library would run ldconfig in a subprocess to find it)
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
         syncfs = None
     for path in paths:

@@ -115,7 +115,7 @@ class PayloadSource:
         key = bm.key[rel].tolist() if bm.key is not None else [0] * len(rel)
         member = bm.member[rel].tolist() if bm.member is not None else [0] * len(rel)
         digests = bm.digest[rel].tobytes()
-        bs, vsize, opener = bm.block_size, bm.volume_size, self.opener
+        bs, opener = bm.block_size, self.opener
         by_payload: dict[tuple[int, int], list[int]] = {}
         for k, where in enumerate(zip(src, off, strict=True)):
             by_payload.setdefault(where, []).append(k)
@@ -126,8 +126,7 @@ class PayloadSource:
                     b, r = blocks[k], self.readers[src[k]]
                     try:
                         raw = opener.open(r, b, codec[k], key[k], member[k], off[k], fetched[k],
-                                          min(bs, vsize - b * bs), bs, digests[32 * k : 32 * k + 32],
-                                          borrow=True)  # fmt: skip
+                                          bm.raw_length(b), bs, digests[32 * k : 32 * k + 32], borrow=True)  # fmt: skip
                     except IntegrityError as e:
                         raise IntegrityError(f"{r.segment_at(off[k])}: block {b} is corrupt ({e})") from e
                     out.append((b, raw))

@@ -104,8 +104,8 @@ class PayloadSource:
         digest, one payload at a time: the blocks of a group come together, in block order, from one
         decoding of it, as views into it. Blocks of an incremental lie between those of its parent's groups;
         in block order, each switch decoded a group again (up to 20 times on the benchmark volume). Each
-        list is valid until the next: it holds the group. `fetched`: the blocks' payloads, when they were
-        read ahead."""
+        list keeps its group's decoded bytes alive: write it out before asking for the next, so that a
+        piece's groups are not all held at once. `fetched`: the blocks' payloads, when read ahead."""
         assert bm.src is not None and bm.offset is not None and bm.codec is not None
         if fetched is None:
             fetched = self.fetch(bm, np.array(blocks, np.int64))
@@ -248,9 +248,10 @@ def _sector_size(layout: object) -> int:
 
 @dataclass
 class _Restore:
-    """Each piece is fetched, proven and written by one worker, so a decoded group is written from where it
-    was decoded (no copy, no hand-over between threads) and the target is written by all workers at once;
-    the counts are shared, so a restore that fails says truthfully whether the target was touched."""
+    """Each piece is proven and written by one worker (its payloads read by that worker, or ahead of it for
+    a local repository), so a decoded group is written from where it was decoded (no copy, no hand-over
+    between threads) and the target is written by all workers at once; the counts are shared, so a restore
+    that fails says truthfully whether the target was touched."""
 
     tgt: Target
     bs: int

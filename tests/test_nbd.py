@@ -32,6 +32,7 @@ from imagechain.format import spec
 from imagechain.format.reader import PointReader
 from imagechain.nbd import server as nbd
 from imagechain.nbd.overlay import GRANULE, Overlay, record_path
+from imagechain.sizes import human
 from imagechain.view import PointView
 
 from .conftest import error_lines, exe, need_tool, write_volume
@@ -580,6 +581,39 @@ def test_export_stopped_or_without_qemu_img_leaves_nothing(tmp_path: Path, repo:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("disk.qcow2")]
     assert "sleep 60" not in run("ps", "-eo", "args").stdout.splitlines()  # qemu-img was ended too (whole lines:
     # another process's `sleep 600` is not ours)
+
+
+def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(tmp_path: Path, repo: Path) -> None:
+    vol = tmp_path / "vol.img"
+    data = make_volume(vol, 8 * MiB, seed=10)
+    backup(str(vol), str(repo))
+    out = tmp_path / "disk.qcow2"
+    real = run("sh", "-c", "command -v qemu-img").stdout.strip()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "qemu-img").write_text(f'#!/bin/sh\n"{real}" "$@" || exit $?\necho $$ > "{tmp_path}/converted"\n'
+                                      f"exec sleep 60\n")  # fmt: skip
+    (bin_dir / "qemu-img").chmod(0o755)
+    proc = subprocess.Popen([exe(), "export", f"{repo}::default", out, "--format", "qcow2"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})  # fmt: skip
+    for _ in range(3000):
+        if (tmp_path / "converted").exists() and (tmp_path / "converted").read_text().strip():
+            break
+        assert proc.poll() is None
+        select.select([], [], [], 0.01)
+    proc.kill()  # nothing can clean up after this
+    proc.communicate(timeout=30)
+    os.kill(int((tmp_path / "converted").read_text()), signal.SIGKILL)  # the qemu-img stand-in
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith("disk.qcow2.tmp-")]
+    size = left.stat().st_size
+    p = ic("export", f"{repo}::default", out, "--format", "qcow2")
+    assert p.returncode == 0, p.stderr
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("notice:")] == [
+        f"notice: removed {left} ({human(size)}), left by an export that did not finish"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("disk.qcow2")) == ["disk.qcow2"]
+    ok("qemu-img", "compare", "-f", "qcow2", "-F", "raw", out, vol)
+    assert vol.read_bytes() == data
 
 
 def test_encrypted_chain_needs_its_passphrase(tmp_path: Path, repo: Path) -> None:

@@ -307,6 +307,73 @@ def test_stop_signals_publish_nothing_and_clean_up(tmp_path: Path, repo: Path, s
     assert verify(Repository.open(str(repo))).ok and first.point_id[:8] in ic_ok("list", repo).stdout
 
 
+def test_a_killed_restore_leaves_a_temporary_that_the_next_restore_removes(tmp_path: Path, repo: Path) -> None:
+    """kill -9 leaves the new file's temporary (nothing can remove it then); the next restore to that name
+    removes it, with a notice, and leaves alone the temporary of a restore still running."""
+    from imagechain import pending
+
+    vol = tmp_path / "vol.img"
+    data = os.urandom(128 << 20)
+    vol.write_bytes(data)
+    backup(str(vol), str(repo), codec=CodecParams.parse("none"))
+    target = tmp_path / "out.img"
+    proc = subprocess.Popen([exe(), "restore", f"{repo}::default", str(target)], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    t0 = time.monotonic()
+    while proc.poll() is None and not [p for p in tmp_path.glob("out.img.tmp-*") if p.stat().st_blocks > 0]:
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.001)
+    proc.kill()
+    proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.fail("the restore finished before it could be killed: make the volume bigger")
+    (left,) = tmp_path.glob("out.img.tmp-*")
+    assert not target.exists()
+    fd, running = pending.create(str(target))  # as a restore to the same name still running holds it
+    try:
+        p = ic_ok("restore", f"{repo}::default", target)
+        notices = [ln for ln in p.stderr.splitlines() if ln.startswith("notice: ")]
+        assert notices == [f"notice: removed {left} (128.0 MiB), left by a restore that did not finish"], p.stderr
+        assert b3(target.read_bytes()) == b3(data)
+        assert sorted(tmp_path.glob("out.img*")) == sorted([target, Path(running)])
+    finally:
+        os.close(fd)
+    target.unlink()
+    p = ic_ok("restore", f"{repo}::default", target, "--json")
+    assert json.loads(p.stdout)["notices"] == [f"removed {running} (0 B), left by a restore that did not finish"]
+    assert sorted(tmp_path.glob("out.img*")) == [target]
+
+
+def test_a_target_appearing_while_restoring_keeps_the_restored_volume(
+    tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never over a file that appeared meanwhile; the restored volume is kept under a name the next restore's
+    sweep of leftovers does not take for one."""
+    from imagechain.engine import restore as engine
+
+    vol = tmp_path / "vol.img"
+    data = write_volume(vol, 4 << 20, seed=4)
+    backup(str(vol), str(repo))
+    target = tmp_path / "out.img"
+    real = engine.Target.finish
+
+    def finish(self: engine.Target) -> None:
+        target.write_bytes(b"someone else's")
+        real(self)
+
+    monkeypatch.setattr(engine.Target, "finish", finish)
+    res = open_point(f"{repo}::default")
+    with pytest.raises(ImagechainError, match="appeared while restoring") as e:
+        restore(res.repo, res.point, str(target))
+    monkeypatch.undo()
+    (kept,) = tmp_path.glob("out.img.restored-*")
+    assert str(e.value).endswith(f"the restored volume is left as {kept}")
+    assert target.read_bytes() == b"someone else's" and kept.read_bytes() == data
+    target.unlink()
+    assert restore_to(f"{repo}::default", target) == b3(data)
+    assert kept.read_bytes() == data and not list(tmp_path.glob("out.img.tmp-*"))
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3])
 def test_a_stop_in_the_first_instant_is_one_line(tmp_path: Path, repo: Path, delay: float) -> None:
     vol = tmp_path / "vol.img"

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .. import interrupts
+from .. import interrupts, pending
 from ..blockmap import BlockMap, read_breaks
 from ..chain import Catalog, MapStream
 from ..errors import ImagechainError, IntegrityError, NoSpaceError, TargetError
@@ -35,8 +35,8 @@ from ..mounts import in_use
 from ..partitions import relocate_gpt_backup
 from ..payload import BlockOpener
 from ..repository import Repository
+from ..sizes import human
 from ..sources import device_size
-from ..stores import temporary_name
 from ..stores.local import fsync_folder
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
@@ -267,8 +267,8 @@ class _Restore:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def fresh(self) -> bool:
-        return self.tgt.fresh
+    def blank(self) -> bool:
+        return self.tgt.blank
 
     def _count(self, n: int, zeroed: int = 0) -> None:
         with self.lock:
@@ -322,7 +322,7 @@ class _Restore:
             while s < stop:
                 e = min(stop, s + per_chunk)
                 lo, hi = np.searchsorted(data, [s, e])
-                if self.fresh and not self.delta and lo == hi:  # nothing to write up to the next data block
+                if self.blank and not self.delta and lo == hi:  # nothing to write up to the next data block
                     e = min(stop, max(e, int(data[hi]) if hi < len(data) else stop))
                 k = int(np.searchsorted(heads, e))
                 e = min(stop, int(heads[k]) if k < len(heads) else stop)
@@ -339,7 +339,7 @@ class _Restore:
             return self._delta(p, covered)
         for got in self.payloads.proven(p.bm, p.data, p.fetched):
             self.put(got)
-        zeros = [] if self.fresh else _runs(p, set(p.data))  # a new file: holes already
+        zeros = [] if self.blank else _runs(p, set(p.data))  # a new file: holes already
         return self.finish_piece(p, covered, len(p.data), zeros, len(p.data))
 
     def _delta(self, p: _Piece, covered: int) -> _Done:
@@ -418,6 +418,7 @@ class Target:
     size: int
     tmp: str = ""
     capacity: int = 0  # bytes a device holds (a file: its size once restored)
+    blank: bool = True  # every byte not written reads as zeros: a new file that ftruncate sized
 
     @classmethod
     def open(cls, path: str, size: int, delta: bool, force: bool, repo: Repository, overwrite_mounted: bool = False,
@@ -426,15 +427,16 @@ class Target:
             st = os.stat(path)
         except FileNotFoundError:
             _refuse_repository_file(path, None, repo)
-            folder = os.path.dirname(os.path.abspath(path))
-            tmp = temporary_name(os.path.join(folder, os.path.basename(path)))
+            for left, n in pending.sweep(path):
+                if notes is not None:
+                    notes.append(f"removed {left} ({human(n)}), left by a restore that did not finish")
             try:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                fd, tmp = pending.create(path)
             except OSError as e:
                 raise TargetError(f"cannot create restore target {path}: {e.strerror}") from e
             t = cls(path, fd, False, True, size, tmp, size)
             try:
-                os.ftruncate(fd, size)
+                t.blank = _extend(fd, size)
             except BaseException as e:
                 t.close()
                 t.discard()
@@ -465,7 +467,7 @@ class Target:
                 raise TargetError(f"restore target {path} holds {have} bytes; the volume needs {size}")
         elif delta and st.st_size < size:
             os.ftruncate(fd, size)
-        return cls(path, fd, is_dev, False, size, "", have if is_dev else size)
+        return cls(path, fd, is_dev, False, size, "", have if is_dev else size, blank=False)
 
     def zero(self, offset: int, length: int, discard: bool = False) -> int:
         """Make [offset, offset + length) read as zeros without writing buffers of zeros: punch a hole in a
@@ -510,8 +512,8 @@ class Target:
 
     def finish(self) -> None:
         """Flush; a new file is then published under its name (never over a file that appeared since)."""
-        if not self.is_dev:
-            os.ftruncate(self.fd, self.size)
+        if not self.is_dev and os.fstat(self.fd).st_size != self.size:
+            os.ftruncate(self.fd, self.size)  # fusefat refuses even a no-op truncate: only when needed
         os.fsync(self.fd)
         if self.fresh:
             with interrupts.deferred():
@@ -519,8 +521,12 @@ class Target:
                     os.link(self.tmp, self.path)  # fails if the name was taken meanwhile
                     os.unlink(self.tmp)
                 except FileExistsError as e:
+                    # out of the temporaries' pattern, or the next restore to this name would remove it
+                    kept = f"{self.path}.restored-{os.urandom(4).hex()}"
+                    os.rename(self.tmp, kept)
+                    self.tmp = ""
                     raise TargetError(f"restore target {self.path} appeared while restoring; the restored "
-                                      f"volume is left as {self.tmp}") from e
+                                      f"volume is left as {kept}") from e
                 except OSError as e:
                     if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
                         raise
@@ -610,6 +616,21 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
     if len(data) < length:
         data += bytes(length - len(data))
     return data
+
+
+def _extend(fd: int, size: int) -> bool:
+    """Make a new, empty file size bytes long; whether its unwritten bytes are sure to read as zeros.
+    ftruncate promises that. fusefat refuses ftruncate (EPERM); a write of the last byte extends the file
+    there, but that driver left a stale sector of deleted data at the file's start, so such a file is
+    written like an existing one: its zero runs written, not taken as holes."""
+    try:
+        os.ftruncate(fd, size)
+        return True
+    except OSError as e:
+        if size == 0 or e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    _pwrite_full(fd, b"\0", size - 1)
+    return False
 
 
 def _pwrite_full(fd: int, buf: bytes | memoryview, offset: int) -> None:

@@ -97,6 +97,8 @@ def register(main: click.Group) -> None:
         res = open_point(point)
         r = run_export(res.repo, res.point, out, fmt, cat=res.catalog, force=force, threads=threads,
                        keyring=_keyring(passphrase_file, identity))  # fmt: skip
+        for n in r.notices:
+            say(f"notice: {n}")
         if as_json:
             click.echo(json.dumps(r.as_dict(), indent=1))
             return

@@ -3,7 +3,9 @@ socket to `qemu-img convert`: qemu-img knows every format, and the block status 
 it skip zero and unused blocks, so the image is sparse (raw) or small (the others).
 
 The image is written as OUT.tmp-XXXXXXXX beside OUT and appears under its name only once qemu-img
-succeeded and the file is flushed: an interrupted or failed export never leaves a partial image at OUT."""
+succeeded and the file is flushed: an interrupted or failed export never leaves a partial image at OUT.
+The temporary is locked while the export runs, so the next export to OUT removes one a killed export left
+(pending.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +15,15 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-from .. import interrupts
+from .. import interrupts, pending
 from ..chain import Catalog
 from ..errors import ImagechainError, IntegrityError, MountError, NoSpaceError, TargetError, UsageError
 from ..format.reader import PointFiles
 from ..keyring import Keyring
 from ..repository import Repository
-from ..stores import temporary_name
+from ..sizes import human
 from ..stores.local import fsync_folder
 from ..view import PointView
 from .server import NbdServer, close_view
@@ -38,6 +40,7 @@ class ExportResult:
     file_bytes: int  # the image's size
     allocated_bytes: int  # what it takes on disk (sparse)
     duration_s: float
+    notices: list[str] = field(default_factory=list)  # what was found and done on the way (leftovers removed)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -59,10 +62,21 @@ def export(repo: Repository, point: PointFiles, out: str, fmt: str, *, cat: Cata
     _check_target(out, force, repo)
     started = time.monotonic()
     errors: list[str] = []
-    view = PointView(repo, point, cat=cat, keyring=keyring, threads=threads)
+    notices: list[str] = []
+    for left, n in pending.sweep(out):
+        notices.append(f"removed {left} ({human(n)}), left by an export that did not finish")
+    try:
+        fd, tmp = pending.create(out)  # held (and locked) until published: qemu-img writes it by name
+    except OSError as e:
+        raise TargetError(f"cannot create export target {out}: {e.strerror}") from e
+    try:
+        view = PointView(repo, point, cat=cat, keyring=keyring, threads=threads)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     server = NbdServer(view, log=errors.append)
-    folder, base = os.path.split(os.path.abspath(out))
-    tmp = temporary_name(os.path.join(folder, base))
     proc: subprocess.Popen[str] | None = None
     try:
         uri = server.start_background()
@@ -87,10 +101,11 @@ def export(repo: Repository, point: PointFiles, out: str, fmt: str, *, cat: Cata
             raise stop from None
         raise
     finally:
+        os.close(fd)
         server.stop()
         close_view(view)
     return ExportResult(str(point.point_id), out, fmt, view.size, st.st_size, st.st_blocks * 512,
-                        time.monotonic() - started)  # fmt: skip
+                        time.monotonic() - started, notices)  # fmt: skip
 
 
 def _check_target(out: str, force: bool, repo: Repository) -> None:
@@ -123,7 +138,8 @@ def _failure(stderr: str, server_errors: list[str], out: str) -> ImagechainError
 
 
 def _publish(tmp: str, out: str, force: bool) -> None:
-    """Flush the image, then give it its name: over an existing OUT only with force."""
+    """Flush the image (opened by name: what qemu-img wrote there, whatever it did to the file), then give it
+    its name: over an existing OUT only with force."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)

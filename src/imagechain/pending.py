@@ -1,0 +1,78 @@
+"""A file written under a temporary name beside the name it will appear under (a restore's new volume, an
+export's image), outside any repository and so outside any chain lock.
+
+Its writer holds an exclusive flock on it for as long as the writer lives; the kernel drops that lock when
+the process ends, however it ends. So the next writer to the same name tells a killed writer's leftover (no
+lock: it never became whole, and may be as big as a volume) from a running writer's (locked), and removes
+only the former. Where the filesystem has no locks, nothing is locked and nothing is removed."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+
+from .stores import temporary_name, temporary_of
+
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF)
+
+
+def create(final: str) -> tuple[int, str]:
+    """A new, locked temporary for `final`: (descriptor, path). The lock lasts until the descriptor is closed.
+
+    A sweep may lock a temporary in the instant between its creation and its creator's lock; the sweep
+    then removes it while holding the lock, and the creator, locking after it, finds its name gone and
+    takes another."""
+    while True:
+        tmp = temporary_name(final)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno in _NO_LOCKS:
+                return fd, tmp  # no locks here: no sweep removes anything either
+            os.close(fd)
+            raise
+        try:
+            mine = os.stat(tmp).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            mine = False
+        if mine:
+            return fd, tmp
+        os.close(fd)
+
+
+def sweep(final: str) -> list[tuple[str, int]]:
+    """Remove the temporaries of `final` that no living writer holds: (path, bytes) of each one removed.
+    Best effort: what cannot be listed, opened or locked is left as it is."""
+    folder, base = os.path.split(os.path.abspath(final))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        if temporary_of(name) != base:
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a running writer's (or a filesystem without locks)
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == st.st_ino:
+                    os.unlink(path)  # still locked: a creator that lost the race sees its name gone
+                    removed.append((path, st.st_size))
+        finally:
+            os.close(fd)
+    return removed

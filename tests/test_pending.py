@@ -1,0 +1,76 @@
+"""Temporaries written beside a target (restore, export): a killed writer's leftover is removed by the next
+writer to that name, a living writer's never is (pending.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagechain import pending
+from imagechain.stores import temporary_of
+
+
+def test_sweep_removes_unlocked_temporaries_of_that_name_only(tmp_path: Path) -> None:
+    final = tmp_path / "disk.img"
+    orphan = tmp_path / "disk.img.tmp-0123abcd"
+    orphan.write_bytes(b"x" * 5000)
+    others = [tmp_path / "disk.img.tmp-0123abc", tmp_path / "other.img.tmp-0123abcd", tmp_path / "disk.img",
+              tmp_path / "disk.img.restored-0123abcd", tmp_path / "disk.img.tmp-0123ABCD"]  # fmt: skip
+    for p in others:
+        p.write_bytes(b"keep")
+    (tmp_path / "disk.img.tmp-99999999").mkdir()  # not a file: not ours
+    (tmp_path / "disk.img.tmp-88888888").symlink_to(tmp_path / "other.img.tmp-0123abcd")
+    fd, live = pending.create(str(final))
+    try:
+        assert temporary_of(os.path.basename(live)) == "disk.img"
+        assert pending.sweep(str(final)) == [(str(orphan), 5000)]
+        assert not orphan.exists() and os.path.exists(live)
+        assert all(p.read_bytes() == b"keep" for p in others)
+        assert (tmp_path / "disk.img.tmp-99999999").is_dir()
+        assert (tmp_path / "disk.img.tmp-88888888").is_symlink()
+        assert pending.sweep(str(final)) == []  # the live one is locked
+    finally:
+        os.close(fd)  # its writer is gone: now it is a leftover
+    assert pending.sweep(str(final)) == [(live, 0)]
+    assert not os.path.exists(live)
+    assert pending.sweep(str(tmp_path / "no-folder" / "x")) == []
+
+
+def test_a_locked_temporary_survives_a_sweep_from_another_process(tmp_path: Path) -> None:
+    final = tmp_path / "out.img"
+    fd, live = pending.create(str(final))
+    try:
+        code = f"from imagechain import pending; print(pending.sweep({str(final)!r}))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "[]" and os.path.exists(live)
+    finally:
+        os.close(fd)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert live in out and not os.path.exists(live)
+
+
+def test_create_takes_another_name_when_a_sweep_removed_its_first(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The race: a sweep locks and removes a temporary between its creation and its creator's lock."""
+    final = tmp_path / "vol.img"
+    real_flock = pending.fcntl.flock
+    raced: list[str] = []
+
+    def flock(fd: int, op: int) -> None:
+        if not raced:  # the first creation: a sweep runs before the creator's lock lands
+            name = next(p for p in tmp_path.iterdir() if p.name.startswith("vol.img.tmp-"))
+            raced.append(str(name))
+            assert pending.sweep(str(final)) == [(str(name), 0)]
+        real_flock(fd, op)
+
+    monkeypatch.setattr(pending.fcntl, "flock", flock)
+    fd, tmp = pending.create(str(final))
+    try:
+        assert raced and tmp != raced[0] and os.path.exists(tmp) and not os.path.exists(raced[0])
+    finally:
+        os.close(fd)
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(tmp)]

@@ -4,7 +4,6 @@ unnoticed by the database or the desktop it protects (docs/CLI.md, "Running on a
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import platform
@@ -13,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import libc
 from .errors import UsageError
 
 # ioprio_set(2): the class in the top 3 bits of a 16-bit value, the level (0 highest .. 7) below them
@@ -71,22 +71,19 @@ def _syscall(index: int) -> int:
     return nr[index]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def set_io_priority(name: str) -> None:
     klass, level = IO_PRIORITIES[name]
     value = (klass << IOPRIO_CLASS_SHIFT) | level
-    if _libc.syscall(_syscall(0), IOPRIO_WHO_PROCESS, 0, value) != 0:
-        err = ctypes.get_errno()
+    result, err = libc.syscall(_syscall(0), IOPRIO_WHO_PROCESS, 0, value)
+    if result != 0:
         raise UsageError(f"--io-priority {name}: {os.strerror(err)}")
 
 
 def io_priority(tid: int = 0) -> tuple[int, int]:
     """(class, level) of a thread (0: the calling one), as ioprio_get reports it."""
-    value = int(_libc.syscall(_syscall(1), IOPRIO_WHO_PROCESS, tid))
+    value, err = libc.syscall(_syscall(1), IOPRIO_WHO_PROCESS, tid)
     if value < 0:
-        raise OSError(ctypes.get_errno(), "ioprio_get failed")
+        raise OSError(err, "ioprio_get failed")
     return value >> IOPRIO_CLASS_SHIFT, value & ((1 << IOPRIO_CLASS_SHIFT) - 1)
 
 

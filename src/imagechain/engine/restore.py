@@ -8,7 +8,6 @@ A partition of a whole-disk point restores on its own (`window`)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import itertools
@@ -22,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .. import interrupts, pending
+from .. import interrupts, libc, pending
 from ..blockmap import BlockMap, read_breaks
 from ..chain import Catalog, MapStream
 from ..errors import ImagechainError, IntegrityError, NoSpaceError, TargetError
@@ -45,13 +44,6 @@ CHUNK_BYTES = 8 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_sync_file_range = getattr(_libc, "sync_file_range", None)  # Linux only
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-SYNC_FILE_RANGE_WRITE = 0x2
 
 
 @dataclass
@@ -484,10 +476,8 @@ class Target:
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
                         raise
-        elif _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        elif libc.punch_hole(self.fd, offset, length, self.path):
             return length
-        elif (code := ctypes.get_errno()) not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(code, os.strerror(code), self.path)
         zeros = bytes(min(length, 1 << 20))
         done = 0
         while done < length:
@@ -501,14 +491,13 @@ class Target:
         writes dirty them (a sixth less kernel time). Only a hint: where the filesystem cannot, the write
         allocates as before, and a full disk is the write's to report."""
         if self.fresh:
-            _libc.fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length)
+            libc.preallocate(self.fd, offset, length)
 
     def start_writeback(self, offset: int, length: int) -> None:
         """Have the kernel start writing these bytes to the disk now: otherwise a restore smaller than the
         dirty-page limit (a tenth of memory) writes nothing until its final fsync, and then waits for all of
         it. Only a hint: that fsync still decides."""
-        if _sync_file_range is not None and length > 0:
-            _sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
+        libc.start_writeback(self.fd, offset, length)
 
     def finish(self) -> None:
         """Flush; a new file is then published under its name (never over a file that appeared since)."""

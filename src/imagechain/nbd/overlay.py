@@ -14,8 +14,6 @@ cache was not flushed) and nothing else; reopening continues where the last flus
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import json
 import os
@@ -25,6 +23,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from .. import libc
 from ..errors import MountError, UsageError
 from ..format import spec
 from ..stores import temporary_name
@@ -37,10 +36,7 @@ HEADER_BYTES = 4096  # the JSON header's room; the bitmap follows it
 PAGE = 4096  # bitmap bytes written back at a time (one page covers 128 MiB of volume)
 SUFFIX = ".imagechain-overlay"
 FORMAT = "imagechain-overlay 1"
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int64)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def record_path(path: str) -> str:
@@ -228,12 +224,7 @@ class Overlay:
             self.zero(a, z - a)
 
     def _punch(self, offset: int, length: int) -> bool:
-        if _libc.fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-            return True
-        code = ctypes.get_errno()
-        if code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return False
-        raise OSError(code, os.strerror(code), self.path)
+        return libc.punch_hole(self._fd, offset, length, self.path)
 
     def flush(self) -> None:
         """Make every write done so far durable: FILE first, then the bits that point into it."""

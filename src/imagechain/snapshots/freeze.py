@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import interrupts
+from .. import interrupts, libc
 from ..errors import SnapshotError
 
 FIFREEZE = 0xC0045877
@@ -35,12 +35,6 @@ FREEZABLE = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "n
 def presync(paths: list[str]) -> None:
     """Write out what is dirty before freezing, while writers still run: the freeze then has little
     left to flush, and writers wait that much less. Best effort (a freeze flushes anyway)."""
-    import ctypes
-
-    try:  # the C library already loaded (find_library would run ldconfig in a subprocess to find it)
-        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        syncfs = None
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -48,8 +42,7 @@ def presync(paths: list[str]) -> None:
             continue
         try:
             if os.path.isdir(path):
-                if syncfs is not None:
-                    syncfs(fd)
+                libc.syncfs(fd)
             else:
                 os.fdatasync(fd)
         except OSError:

@@ -1193,11 +1193,11 @@ class Bench:
                              f"(target <= 1.05: {'PASS' if r <= 1.05 else 'FAIL'}); stored "
                              f"{human(y.stored_bytes or 0)} / {human(x.stored_bytes or 0)}")  # fmt: skip
         for a, b in (("full/imagechain", "full/imagechain-all"), ("incr/imagechain", "incr/imagechain-all")):
-            if st[a] and st[b]:
-                x, y = st[a], st[b]
-                lines.append(f"info:  {x.step} with / without the used map: {x.wall_s:.2f} / {y.wall_s:.2f} s, "
-                             f"read {human(x.extra['read_bytes'])} / {human(y.extra['read_bytes'])} of the volume, "
-                             f"stored {human(x.stored_bytes or 0)} / {human(y.stored_bytes or 0)}")  # fmt: skip
+            if (used := st[a]) and (every := st[b]):
+                lines.append(f"info:  {used.step} with / without the used map: {used.wall_s:.2f} / "
+                             f"{every.wall_s:.2f} s, read {human(used.extra['read_bytes'])} / "
+                             f"{human(every.extra['read_bytes'])} of the volume, stored "
+                             f"{human(used.stored_bytes or 0)} / {human(every.stored_bytes or 0)}")  # fmt: skip
         if full:
             e = full.extra
             lines.append(f"info:  imagechain settings: block size {human(e['block_size'])}, compression "

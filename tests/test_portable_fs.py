@@ -321,6 +321,10 @@ def test_restore_onto_the_filesystem(tmp_path: Path, kind: str) -> None:
             res = cli(*args)
             assert res.returncode == 0, res
             assert out.read_bytes() == want, args
+        os.truncate(out, 5 * BS)  # a delta restore onto a shorter file extends it first
+        res = cli("restore", f"{repo}::default", str(out), "--delta")
+        assert res.returncode == 0, res
+        assert out.read_bytes() == v1
         assert sorted(p.name for p in mnt.iterdir()) == ["restored.img"]
 
 

@@ -342,6 +342,42 @@ def test_a_killed_restore_leaves_a_temporary_that_the_next_restore_removes(tmp_p
     p = ic_ok("restore", f"{repo}::default", target, "--json")
     assert json.loads(p.stdout)["notices"] == [f"removed {running} (0 B), left by a restore that did not finish"]
     assert sorted(tmp_path.glob("out.img*")) == [target]
+    # a restore over the existing file (in place, no temporary of its own) removes one too
+    orphan = tmp_path / "out.img.tmp-0badc0de"
+    orphan.write_bytes(bytes(4096))
+    p = ic_ok("restore", f"{repo}::default", target, "--delta")
+    assert f"notice: removed {orphan} (4.0 KiB), left by a restore that did not finish" in p.stderr.splitlines()
+    assert sorted(tmp_path.glob("out.img*")) == [target]
+
+
+def test_a_delta_restore_reads_on_after_short_reads(tmp_path: Path, repo: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A read may return less than asked without being at the end (FUSE, network filesystems): a delta
+    restore reads on, and never takes the part it did not read for zeros."""
+    from imagechain.engine import restore as engine
+
+    vol = tmp_path / "vol.img"
+    data = write_volume(vol, 4 << 20, seed=5, zero_fraction=0.5)
+    backup(str(vol), str(repo))
+    zero_blocks = [b for b in range(len(data) // BS) if not any(data[b * BS : (b + 1) * BS])]
+    assert len(zero_blocks) >= 3
+    target = tmp_path / "target.img"
+    damaged = bytearray(data)
+    for b in zero_blocks[:3]:
+        damaged[b * BS + 5000 : b * BS + 5100] = b"\xee" * 100  # past what one short read returns
+    target.write_bytes(bytes(damaged))
+    real = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        short = os.readlink(f"/proc/self/fd/{fd}") == str(target)
+        return real(fd, min(n, 4096) if short else n, offset)
+
+    monkeypatch.setattr(engine.os, "pread", pread)
+    res = open_point(f"{repo}::default")
+    r = restore(res.repo, res.point, str(target), delta=True)
+    monkeypatch.undo()
+    assert target.read_bytes() == data
+    assert r.written_blocks == 3, r  # the three zero blocks, zeroed; every data block read whole and equal
 
 
 def test_a_target_appearing_while_restoring_keeps_the_restored_volume(

@@ -343,7 +343,15 @@ class _Restore:
             return _Done(covered, 0, 0)
         t0, n = self.clip(p.s * bs, (p.e - p.s) * bs)
         lead = t0 + self.base - p.s * bs  # bytes of the first block before the window (partition restores)
-        current = memoryview(bytes(lead) + _pread_full(self.tgt.fd, n, t0))
+        have = _pread_upto(self.tgt.fd, n, t0)
+        # past `valid` the target ended: what it holds there is not known to be anything (fusefat said EOF
+        # inside a file it had extended), so those blocks are written, never taken for zeros
+        valid = lead + len(have)
+        current = memoryview(bytes(lead) + have + bytes(n - len(have)))
+
+        def unread(b: int) -> bool:
+            return min((b - p.s + 1) * bs, len(current)) > valid
+
         differ: list[int] = []
         zeros: list[int] = []
         for b in range(p.s, p.e):
@@ -352,9 +360,9 @@ class _Restore:
                 continue
             cur = current[(b - p.s) * bs : min((b - p.s + 1) * bs, len(current))]
             if k != spec.BLOCK_DATA:
-                if np.frombuffer(cur, np.uint8).any():
+                if unread(b) or np.frombuffer(cur, np.uint8).any():
                     zeros.append(b)
-            elif (lead and b == p.s) or len(cur) < bm.raw_length(b):
+            elif unread(b) or (lead and b == p.s) or len(cur) < bm.raw_length(b):
                 differ.append(b)  # a block cut by the window's edges: compare what lies inside the window
             elif self.payloads.opener.digest(cur) != bm.digest[b - bm.start].tobytes():
                 differ.append(b)
@@ -362,7 +370,7 @@ class _Restore:
         written = 0
         for got in self.payloads.proven(bm, differ):
             if cut:
-                got = [(b, r) for b, r in got if not _same(current, (b - p.s) * bs, r)]
+                got = [(b, r) for b, r in got if unread(b) or not _same(current, (b - p.s) * bs, r)]
             self.put(got)
             written += len(got)
         return self.finish_piece(p, covered, written, [(b, 1, False) for b in zeros], len(differ))
@@ -419,9 +427,7 @@ class Target:
             st = os.stat(path)
         except FileNotFoundError:
             _refuse_repository_file(path, None, repo)
-            for left, n in pending.sweep(path):
-                if notes is not None:
-                    notes.append(f"removed {left} ({human(n)}), left by a restore that did not finish")
+            _sweep(path, notes)
             try:
                 fd, tmp = pending.create(path)
             except OSError as e:
@@ -457,8 +463,10 @@ class Target:
             if have < size:
                 os.close(fd)
                 raise TargetError(f"restore target {path} holds {have} bytes; the volume needs {size}")
-        elif delta and st.st_size < size:
-            os.ftruncate(fd, size)
+        else:
+            _sweep(path, notes)
+            if delta and st.st_size < size:
+                _extend(fd, size)
         return cls(path, fd, is_dev, False, size, "", have if is_dev else size, blank=False)
 
     def zero(self, offset: int, length: int, discard: bool = False) -> int:
@@ -600,17 +608,28 @@ def _refuse_repository_file(path: str, st: os.stat_result | None, repo: Reposito
             raise TargetError(f"restore target {path} is the repository file {entry.name} (the same file)")
 
 
-def _pread_full(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) < length:
-        data += bytes(length - len(data))
-    return data
+def _pread_upto(fd: int, length: int, offset: int) -> bytes:
+    """length bytes from offset, fewer only where the file ends: a read may return less than it was asked
+    for without being at the end (FUSE and network filesystems)."""
+    parts = [os.pread(fd, length, offset)]
+    got = len(parts[0])
+    while got < length and parts[-1]:
+        parts.append(os.pread(fd, length - got, offset + got))
+        got += len(parts[-1])
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _sweep(path: str, notes: list[str] | None) -> None:
+    """Remove what restores to this name that were killed left beside it (pending.py)."""
+    for left, n in pending.sweep(path):
+        if notes is not None:
+            notes.append(f"removed {left} ({human(n)}), left by a restore that did not finish")
 
 
 def _extend(fd: int, size: int) -> bool:
-    """Make a new, empty file size bytes long; whether its unwritten bytes are sure to read as zeros.
+    """Make a file (shorter than that) size bytes long; whether the bytes added are sure to read as zeros.
     ftruncate promises that. fusefat refuses ftruncate (EPERM); a write of the last byte extends the file
-    there, but that driver left a stale sector of deleted data at the file's start, so such a file is
+    there, but that driver left a stale sector of deleted data at a new file's start, so such a file is
     written like an existing one: its zero runs written, not taken as holes."""
     try:
         os.ftruncate(fd, size)

@@ -289,8 +289,15 @@ def _read_header(rec: str, rfd: int) -> dict[str, object]:
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
+    """length bytes; zeros only past the file's end. A read may return less without being at the end (FUSE,
+    network filesystems): padding that with zeros would serve zeros for written data."""
     data = os.pread(fd, length, offset)
-    return data if len(data) == length else data + bytes(length - len(data))
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            return data + bytes(length - len(data))
+        data += more
+    return data
 
 
 def _pwrite_full(fd: int, buf: bytes | bytearray | memoryview, offset: int) -> None:

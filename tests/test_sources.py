@@ -280,6 +280,23 @@ def test_file_that_changes_size_is_an_error(tmp_path: Path, new_size: int) -> No
                             f"nothing was published")  # fmt: skip
 
 
+def test_short_reads_are_read_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read may return less than asked without being at the end (a source image on FUSE or NFS): that is
+    no reason to say the source ended. Where it really ends, the error says so."""
+    import imagechain.sources as sources
+
+    a = tmp_path / "a.img"
+    data = os.urandom(MiB)
+    a.write_bytes(data)
+    real = os.pread
+    monkeypatch.setattr(sources.os, "pread", lambda fd, n, off: real(fd, min(n, 1000), off))
+    with open_source(str(a)) as s:
+        assert s.read(12345, 300_000) == data[12345:312345]
+        os.truncate(a, MiB // 2)
+        with pytest.raises(SourceError, match=f"ended at {MiB // 2} bytes while reading"):
+            s.read(MiB // 2 - 5000, 10_000)
+
+
 def test_file_written_while_read_is_flagged(tmp_path: Path) -> None:
     a = tmp_path / "a.img"
     ext4_like(a)

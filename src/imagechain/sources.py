@@ -95,6 +95,11 @@ class Source:
     def read(self, offset: int, length: int) -> bytes:
         try:
             data = os.pread(self.fd, length, offset)
+            while len(data) < length:  # a read may return less without being at the end (FUSE, NFS)
+                more = os.pread(self.fd, length - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
         except OSError as e:
             raise SourceError(f"cannot read source {self.path} at {offset}: {e.strerror}") from e
         if len(data) != length:

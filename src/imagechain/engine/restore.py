@@ -466,7 +466,11 @@ class Target:
         else:
             _sweep(path, notes)
             if delta and st.st_size < size:
-                _extend(fd, size)
+                try:
+                    _extend(fd, size)
+                except OSError as e:
+                    os.close(fd)
+                    raise TargetError(f"cannot extend restore target {path} to {size} bytes: {e.strerror}") from e
         return cls(path, fd, is_dev, False, size, "", have if is_dev else size, blank=False)
 
     def zero(self, offset: int, length: int, discard: bool = False) -> int:
@@ -520,7 +524,10 @@ class Target:
                 except FileExistsError as e:
                     # out of the temporaries' pattern, or the next restore to this name would remove it
                     kept = f"{self.path}.restored-{os.urandom(4).hex()}"
-                    os.rename(self.tmp, kept)
+                    try:
+                        os.rename(self.tmp, kept)
+                    except OSError:
+                        kept = self.tmp
                     self.tmp = ""
                     raise TargetError(f"restore target {self.path} appeared while restoring; the restored "
                                       f"volume is left as {kept}") from e

@@ -551,6 +551,27 @@ def test_export_every_format(tmp_path: Path, repo: Path) -> None:
     assert p.returncode == 8 and "inside the repository" in p.stderr
 
 
+def stalled_export(tmp_path: Path, repo: Path, out: Path) -> tuple[subprocess.Popen[str], int]:
+    """An export whose qemu-img (a stand-in around the real one) has written the whole image and then waits
+    instead of exiting: (the export, the stand-in's pid)."""
+    real = run("sh", "-c", "command -v qemu-img").stdout.strip()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    done = tmp_path / "converted"
+    (bin_dir / "qemu-img").write_text(f'#!/bin/sh\n"{real}" "$@" || exit $?\necho $$ > "{done}.tmp"\n'
+                                      f'mv "{done}.tmp" "{done}"\nexec sleep 60\n')  # fmt: skip
+    (bin_dir / "qemu-img").chmod(0o755)
+    proc = subprocess.Popen([exe(), "export", f"{repo}::default", out, "--format", "qcow2"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})  # fmt: skip
+    for _ in range(3000):
+        if done.exists() or proc.poll() is not None:
+            break
+        select.select([], [], [], 0.01)
+    assert proc.poll() is None, proc.communicate()
+    return proc, int(done.read_text())
+
+
 def test_export_stopped_or_without_qemu_img_leaves_nothing(tmp_path: Path, repo: Path) -> None:
     vol = tmp_path / "vol.img"
     make_volume(vol, 8 * MiB, seed=9)
@@ -560,19 +581,7 @@ def test_export_stopped_or_without_qemu_img_leaves_nothing(tmp_path: Path, repo:
     assert p.returncode == 13 and error_lines(p.stderr) == [
         "imagechain: error: qemu-img is not installed; export needs it (Debian: apt-get install qemu-utils)"]
     # a qemu-img that has written the whole image but not exited yet: a stop now must publish nothing
-    real = run("sh", "-c", "command -v qemu-img").stdout.strip()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "qemu-img").write_text(f'#!/bin/sh\n"{real}" "$@" || exit $?\ntouch "{tmp_path}/converted"\n'
-                                      f"exec sleep 60\n")  # fmt: skip
-    (bin_dir / "qemu-img").chmod(0o755)
-    proc = subprocess.Popen([exe(), "export", f"{repo}::default", out, "--format", "qcow2"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})  # fmt: skip
-    for _ in range(3000):
-        if (tmp_path / "converted").exists() or proc.poll() is not None:
-            break
-        select.select([], [], [], 0.01)
+    proc, _stand_in = stalled_export(tmp_path, repo, out)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("disk.qcow2.tmp-")]  # written, not published
     proc.send_signal(signal.SIGTERM)
     _o, err = proc.communicate(timeout=30)
@@ -588,23 +597,10 @@ def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(tmp_pat
     data = make_volume(vol, 8 * MiB, seed=10)
     backup(str(vol), str(repo))
     out = tmp_path / "disk.qcow2"
-    real = run("sh", "-c", "command -v qemu-img").stdout.strip()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "qemu-img").write_text(f'#!/bin/sh\n"{real}" "$@" || exit $?\necho $$ > "{tmp_path}/converted"\n'
-                                      f"exec sleep 60\n")  # fmt: skip
-    (bin_dir / "qemu-img").chmod(0o755)
-    proc = subprocess.Popen([exe(), "export", f"{repo}::default", out, "--format", "qcow2"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})  # fmt: skip
-    for _ in range(3000):
-        if (tmp_path / "converted").exists() and (tmp_path / "converted").read_text().strip():
-            break
-        assert proc.poll() is None
-        select.select([], [], [], 0.01)
+    proc, stand_in = stalled_export(tmp_path, repo, out)
     proc.kill()  # nothing can clean up after this
     proc.communicate(timeout=30)
-    os.kill(int((tmp_path / "converted").read_text()), signal.SIGKILL)  # the qemu-img stand-in
+    os.kill(stand_in, signal.SIGKILL)
     (left,) = [p for p in tmp_path.iterdir() if p.name.startswith("disk.qcow2.tmp-")]
     size = left.stat().st_size
     p = ic("export", f"{repo}::default", out, "--format", "qcow2")

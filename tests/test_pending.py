@@ -3,6 +3,7 @@ writer to that name, a living writer's never is (pending.py)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -74,3 +75,28 @@ def test_create_takes_another_name_when_a_sweep_removed_its_first(tmp_path: Path
     finally:
         os.close(fd)
     assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(tmp)]
+
+
+@pytest.mark.parametrize("links", [True, False])
+@pytest.mark.parametrize("noreplace", [True, False])
+def test_publish_never_replaces_a_file_that_took_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         links: bool, noreplace: bool) -> None:  # fmt: skip
+    """By hard link, by a rename that refuses to replace, or (FUSE FAT: neither) by a rename after a check."""
+    if not links:
+        def no_link(src: str, dst: str) -> None:
+            raise OSError(errno.EPERM, "no hard links here")
+
+        monkeypatch.setattr(pending.os, "link", no_link)
+    if not noreplace:
+        monkeypatch.setattr(pending.libc, "rename_noreplace", lambda src, dst: False)
+    final = tmp_path / "vol.img"
+    fd, tmp = pending.create(str(final))
+    os.write(fd, b"restored")
+    os.close(fd)
+    final.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError):
+        pending.publish(tmp, str(final))
+    assert final.read_bytes() == b"someone else's" and Path(tmp).read_bytes() == b"restored"
+    final.unlink()
+    pending.publish(tmp, str(final))
+    assert final.read_bytes() == b"restored" and not os.path.exists(tmp)

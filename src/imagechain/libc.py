@@ -1,5 +1,5 @@
 """The few Linux calls Python's os module lacks, declared once: fallocate with a mode (punch a hole,
-allocate without growing), sync_file_range, syncfs, and the raw syscall (ioprio has no wrapper). They
+allocate without growing), sync_file_range, syncfs, renameat2, and the raw syscall (ioprio has no wrapper). They
 come from the C library already loaded: ctypes.util.find_library would run ldconfig in a subprocess."""
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ _sync_file_range = getattr(_libc, "sync_file_range", None)
 if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _syncfs = getattr(_libc, "syncfs", None)
+_renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28 and later
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+AT_FDCWD, RENAME_NOREPLACE = -100, 1
 
 
 def punch_hole(fd: int, offset: int, length: int, path: str | None = None) -> bool:
@@ -52,3 +56,16 @@ def syscall(number: int, *args: int) -> tuple[int, int]:
     """A raw system call: (its result, errno when that result is negative)."""
     value = int(_libc.syscall(number, *args))
     return value, ctypes.get_errno() if value < 0 else 0
+
+
+def rename_noreplace(src: str, dst: str) -> bool:
+    """Rename src to dst unless dst exists (FileExistsError then). False where the filesystem or the C
+    library cannot promise that (FUSE drivers without rename2, for one): nothing was renamed."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), src, None, dst)

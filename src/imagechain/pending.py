@@ -14,6 +14,7 @@ import fcntl
 import os
 import stat
 
+from . import libc
 from .stores import temporary_name, temporary_of
 
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF)
@@ -76,3 +77,23 @@ def sweep(final: str) -> list[tuple[str, int]]:
         finally:
             os.close(fd)
     return removed
+
+
+def publish(tmp: str, final: str) -> None:
+    """Give a finished temporary its final name, never over a file that took that name meanwhile
+    (FileExistsError). A hard link where the filesystem has them, else a rename that refuses to replace;
+    the FUSE FAT drivers offer neither, and there the name is checked free just before a plain rename."""
+    try:
+        os.link(tmp, final)
+        os.unlink(tmp)
+        return
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    if libc.rename_noreplace(tmp, final):
+        return
+    if os.path.lexists(final):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), final)
+    os.rename(tmp, final)

@@ -519,8 +519,7 @@ class Target:
         if self.fresh:
             with interrupts.deferred():
                 try:
-                    os.link(self.tmp, self.path)  # fails if the name was taken meanwhile
-                    os.unlink(self.tmp)
+                    pending.publish(self.tmp, self.path)
                 except FileExistsError as e:
                     # out of the temporaries' pattern, or the next restore to this name would remove it
                     kept = f"{self.path}.restored-{os.urandom(4).hex()}"
@@ -531,10 +530,6 @@ class Target:
                     self.tmp = ""
                     raise TargetError(f"restore target {self.path} appeared while restoring; the restored "
                                       f"volume is left as {kept}") from e
-                except OSError as e:
-                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                        raise
-                    os.rename(self.tmp, self.path)  # filesystems without hard links (FAT, exFAT)
                 self.tmp = ""
             fsync_folder(os.path.dirname(os.path.abspath(self.path)))
 

@@ -10,7 +10,6 @@ The temporary is locked while the export runs, so the next export to OUT removes
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import subprocess
@@ -150,12 +149,7 @@ def _publish(tmp: str, out: str, force: bool) -> None:
             os.replace(tmp, out)
         else:
             try:
-                os.link(tmp, out)  # never over a file that appeared meanwhile
-                os.unlink(tmp)
+                pending.publish(tmp, out)
             except FileExistsError:
                 raise TargetError(f"export target {out} appeared while exporting; not replaced") from None
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                os.rename(tmp, out)  # filesystems without hard links (FAT, exFAT)
     fsync_folder(os.path.dirname(os.path.abspath(out)))

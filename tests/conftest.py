@@ -73,6 +73,15 @@ def write_volume(path: Path, size: int, seed: int = 0, zero_fraction: float = 0.
     return bytes(out)
 
 
+def flip(path: Path, pos: int, mask: int = 0x5A) -> None:
+    """Damage one byte of a file in place: what a bad sector or a stray write does."""
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def error_lines(stderr: str) -> list[str]:
     """stderr without the notices a command may print on the way (e.g. "no filesystem recognised")."""
     return [line for line in stderr.strip().splitlines() if not line.startswith("notice: ")]

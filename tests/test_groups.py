@@ -28,6 +28,8 @@ from imagechain.keyring import Keyring
 from imagechain.repository import Repository
 from imagechain.view import PointView
 
+from .conftest import flip as flip_byte
+
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB
 
@@ -65,11 +67,8 @@ def groups_of(ent: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def flip(repo: Path, files: list[str], offset: int) -> None:
-    with open(repo / files[0], "r+b") as f:
-        f.seek(spec.SEGMENT_HEADER_SIZE + offset)
-        byte = f.read(1)
-        f.seek(spec.SEGMENT_HEADER_SIZE + offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    """Damage a byte of the point's first file, offset bytes into its payloads."""
+    flip_byte(repo / files[0], spec.SEGMENT_HEADER_SIZE + offset, 0xFF)
 
 
 def test_consecutive_blocks_are_grouped_and_restore_exactly(tmp_path: Path, repo: Path,

@@ -38,7 +38,7 @@ from imagechain.format.reader import PointReader
 from imagechain.repository import MARKER, Repository
 from imagechain.stores import TEMP_MARK
 
-from .conftest import assert_portable, error_lines, exe, loop_device, need_root, need_tool, write_volume
+from .conftest import assert_portable, error_lines, exe, flip, loop_device, need_root, need_tool, write_volume
 
 BS = 64 << 10  # the default block size
 
@@ -543,14 +543,6 @@ def layout(path: Path) -> dict[str, tuple[int, int]]:
     assert all(a[1] == b[0] for a, b in itertools.pairwise(order)) and order[-1][1] == len(raw), parts
     assert ft.logical_length == len(raw) - seg
     return parts
-
-
-def flip(path: Path, pos: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(pos)
-        b = f.read(1)
-        f.seek(pos)
-        f.write(bytes([b[0] ^ 0x5A]))
 
 
 def damage(chain: Chain, which: str, how: str) -> list[int] | None:

@@ -38,7 +38,7 @@ from imagechain.repository import Repository
 from imagechain.sizes import human
 from imagechain.stores.local import _LocalReader
 
-from .conftest import error_lines, exe, write_volume
+from .conftest import error_lines, exe, flip, write_volume
 
 BS = 64 << 10
 MIB = 1 << 20
@@ -79,14 +79,6 @@ def file_pos(repo: Path, point: PointFiles, logical: int) -> tuple[Path, int]:
         if f.seg.logical_offset <= logical < f.data_end:
             return repo / f.name, spec.SEGMENT_HEADER_SIZE + logical - f.seg.logical_offset
     raise AssertionError(f"logical offset {logical} is in no segment of {point.name}")
-
-
-def flip(path: Path, pos: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(pos)
-        b = f.read(1)
-        f.seek(pos)
-        f.write(bytes([b[0] ^ 0x5A]))
 
 
 def restored(repo: Path, point_id: str, target: Path) -> bytes:

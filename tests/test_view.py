@@ -17,7 +17,7 @@ from imagechain.format import spec
 from imagechain.format.reader import PointReader
 from imagechain.view import PointView
 
-from .conftest import write_volume
+from .conftest import flip, write_volume
 
 MiB = 1 << 20
 
@@ -91,12 +91,8 @@ def test_a_damaged_block_is_refused_and_its_neighbours_are_served(tmp_path: Path
         ent = pr.index()
     victim = ent[ent["kind"] == spec.BLOCK_DATA][10]
     path = repo / r.files[0]
-    with open(path, "r+b") as f:  # one byte in the middle of block 10's payload
-        at = spec.SEGMENT_HEADER_SIZE + int(victim["offset"]) + int(victim["length"]) // 2
-        f.seek(at)
-        byte = f.read(1)
-        f.seek(at)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    # one byte in the middle of block 10's payload
+    flip(path, spec.SEGMENT_HEADER_SIZE + int(victim["offset"]) + int(victim["length"]) // 2, 0xFF)
     bs = r.block_size
     seen: list[str] = []
     with PointView(res.repo, res.point, cat=res.catalog, on_error=seen.append) as v:

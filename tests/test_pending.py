@@ -100,3 +100,9 @@ def test_publish_never_replaces_a_file_that_took_the_name(tmp_path: Path, monkey
     final.unlink()
     pending.publish(tmp, str(final))
     assert final.read_bytes() == b"restored" and not os.path.exists(tmp)
+
+
+def test_under_dev_a_missing_name_is_a_device_not_attached() -> None:
+    assert pending.in_dev("/dev/sdz") and pending.in_dev("/dev/disk/by-id/usb-x") and pending.in_dev("/dev/x/../y")
+    assert not pending.in_dev("/dev/shm/vol.img") and not pending.in_dev("/devices/vol.img")
+    assert not pending.in_dev("/tmp/vol.img") and not pending.in_dev("vol.img")

@@ -881,6 +881,11 @@ def test_bad_restore_targets(tmp_path: Path, repo: Path, small_vol: tuple[Path, 
     assert "--force" in line and existing.read_bytes() == b"precious" * 1000
     one_line_error(ic("restore", f"{repo}::default", tmp_path), 8)
     one_line_error(ic("restore", f"{repo}::default", tmp_path / "no-dir" / "x.img"), 8)
+    # a disk that is not attached: never a new file under /dev (devtmpfs: memory), reported as restored
+    missing = f"/dev/imagechain-test-{os.urandom(4).hex()}"
+    line = one_line_error(ic("restore", f"{repo}::default", missing), 8)
+    assert line.endswith("no such device is attached (a new file is never made under /dev)"), line
+    assert not [n for n in os.listdir("/dev") if n.startswith(os.path.basename(missing))]
     # a block device smaller than the volume
     need_root()
     image = tmp_path / "small-disk.img"

@@ -20,6 +20,13 @@ from .stores import temporary_name, temporary_of
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF)
 
 
+def in_dev(path: str) -> bool:
+    """Does path lie under /dev, where a missing name is a device not attached, never a file to make?
+    /dev/shm is the exception: a tmpfs for files."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path))) + "/"
+    return folder.startswith("/dev/") and not folder.startswith("/dev/shm/")
+
+
 def create(final: str) -> tuple[int, str]:
     """A new, locked temporary for `final`: (descriptor, path). The lock lasts until the descriptor is closed.
 

@@ -426,6 +426,7 @@ class Target:
         try:
             st = os.stat(path)
         except FileNotFoundError:
+            _refuse_device_folder(path)
             _refuse_repository_file(path, None, repo)
             _sweep(path, notes)
             try:
@@ -608,6 +609,14 @@ def _refuse_repository_file(path: str, st: os.stat_result | None, repo: Reposito
             continue
         if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
             raise TargetError(f"restore target {path} is the repository file {entry.name} (the same file)")
+
+
+def _refuse_device_folder(path: str) -> None:
+    """A missing /dev/sdX is a disk that is not attached, not a new file to make: under /dev it would be
+    written to memory (devtmpfs) and reported as restored."""
+    if pending.in_dev(path):
+        raise TargetError(f"restore target {path} does not exist: no such device is attached (a new file is "
+                          f"never made under /dev)")  # fmt: skip
 
 
 def _pread_upto(fd: int, length: int, offset: int) -> bytes:

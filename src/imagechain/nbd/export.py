@@ -114,6 +114,8 @@ def _check_target(out: str, force: bool, repo: Repository) -> None:
         if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
             raise TargetError(f"export target {out} is inside the repository being read ({repo.display})")
     folder = os.path.dirname(os.path.abspath(out))
+    if pending.in_dev(out):
+        raise TargetError(f"export target {out} is under /dev: an export is a file, never made there")
     if not os.path.isdir(folder):
         raise TargetError(f"cannot export to {out}: no folder {folder}")
     if os.path.lexists(out):

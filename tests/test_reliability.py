@@ -881,6 +881,12 @@ def test_bad_restore_targets(tmp_path: Path, repo: Path, small_vol: tuple[Path, 
     assert "--force" in line and existing.read_bytes() == b"precious" * 1000
     one_line_error(ic("restore", f"{repo}::default", tmp_path), 8)
     one_line_error(ic("restore", f"{repo}::default", tmp_path / "no-dir" / "x.img"), 8)
+    # a dangling symbolic link: said at once, not after the whole volume was written beside it
+    link = tmp_path / "link.img"
+    link.symlink_to(tmp_path / "nowhere.img")
+    line = one_line_error(ic("restore", f"{repo}::default", link), 8)
+    assert f"is a symbolic link to {tmp_path / 'nowhere.img'}, which does not exist" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("link.img", "nowhere"))) == ["link.img"]
     # a disk that is not attached: never a new file under /dev (devtmpfs: memory), reported as restored
     missing = f"/dev/imagechain-test-{os.urandom(4).hex()}"
     line = one_line_error(ic("restore", f"{repo}::default", missing), 8)

@@ -426,6 +426,9 @@ class Target:
         try:
             st = os.stat(path)
         except FileNotFoundError:
+            if os.path.islink(path):  # publishing beside it would find the name taken, after all the work
+                raise TargetError(f"restore target {path} is a symbolic link to {os.readlink(path)}, which does "
+                                  f"not exist: restore to that path, or remove the link") from None
             _refuse_device_folder(path)
             _refuse_repository_file(path, None, repo)
             _sweep(path, notes)

@@ -82,6 +82,28 @@ def flip(path: Path, pos: int, mask: int = 0x5A) -> None:
         f.write(bytes([b[0] ^ mask]))
 
 
+def restore_as_target_appears(address: str, target: Path) -> tuple[str, Path]:
+    """Restore to a new file while another writer makes that file just before the restore publishes: the
+    one-line error the restore raises, and the file the restored volume was kept as."""
+    from imagechain.address import open_point
+    from imagechain.engine import restore as engine
+    from imagechain.errors import TargetError
+
+    real = engine.Target.finish
+
+    def finish(self: engine.Target) -> None:
+        target.write_bytes(b"someone else's")
+        real(self)
+
+    res = open_point(address)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(TargetError, match="appeared while restoring") as e:
+        mp.setattr(engine.Target, "finish", finish)
+        engine.restore(res.repo, res.point, str(target))
+    assert target.read_bytes() == b"someone else's"
+    (kept,) = target.parent.glob(f"{target.name}.restored-*")
+    return str(e.value), kept
+
+
 def error_lines(stderr: str) -> list[str]:
     """stderr without the notices a command may print on the way (e.g. "no filesystem recognised")."""
     return [line for line in stderr.strip().splitlines() if not line.startswith("notice: ")]

@@ -25,29 +25,28 @@ MiB = 1 << 20
 HOUR = 3600 * 10**9
 
 
-def chain_over_time(tmp_path: Path, repo: Path, hours: list[int], monkeypatch: pytest.MonkeyPatch) -> dict[int, str]:
+def chain_over_time(tmp_path: Path, repo: Path, hours: list[int]) -> dict[int, str]:
     """One backup at each of the given hours after a fixed start (the clock the backup reads is moved)."""
     vol = tmp_path / "vol.img"
     data = bytearray(write_volume(vol, 4 * MiB, seed=11))
     rng = random.Random(2)
     start = 1_780_012_800 * 10**9  # 2026-05-29T00:00:00Z
     states = {}
-    for seq, h in enumerate(hours):
-        if seq:
-            at = rng.randrange(len(data) - 100_000)
-            data[at : at + 100_000] = os.urandom(100_000)
-            vol.write_bytes(data)
-        monkeypatch.setattr(backup_mod.time, "time_ns", lambda h=h: start + h * HOUR)
-        backup(str(vol), str(repo), cache_dir=None)
-        states[seq] = hashlib.sha256(data).hexdigest()
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:  # its own: monkeypatch.undo() would undo conftest's isolation too
+        for seq, h in enumerate(hours):
+            if seq:
+                at = rng.randrange(len(data) - 100_000)
+                data[at : at + 100_000] = os.urandom(100_000)
+                vol.write_bytes(data)
+            mp.setattr(backup_mod.time, "time_ns", lambda h=h: start + h * HOUR)
+            backup(str(vol), str(repo), cache_dir=None)
+            states[seq] = hashlib.sha256(data).hexdigest()
     return states
 
 
-def test_the_policy_keeps_the_newest_of_each_period(tmp_path: Path, repo: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_the_policy_keeps_the_newest_of_each_period(tmp_path: Path, repo: Path) -> None:
     hours = [0, 1, 2, 26, 27, 50, 51, 52]  # three days
-    chain_over_time(tmp_path, repo, hours, monkeypatch)
+    chain_over_time(tmp_path, repo, hours)
     cat = Repository.open(str(repo)).catalog()
     (pts,) = cat.generations().values()
     lin = cat.lineage(cat.tips(pts)[0])
@@ -60,9 +59,8 @@ def test_the_policy_keeps_the_newest_of_each_period(tmp_path: Path, repo: Path,
         Policy().check()
 
 
-def test_prune_merges_what_goes_and_every_kept_point_restores(tmp_path: Path, repo: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    states = chain_over_time(tmp_path, repo, [0, 1, 2, 26, 27, 50, 51, 52], monkeypatch)
+def test_prune_merges_what_goes_and_every_kept_point_restores(tmp_path: Path, repo: Path) -> None:
+    states = chain_over_time(tmp_path, repo, [0, 1, 2, 26, 27, 50, 51, 52])
     files = sorted(p.name for p in repo.rglob("*.icimg"))
     dry = subprocess.run([exe(), "prune", str(repo), "--keep-daily", "2", "--dry-run", "--json"],
                          capture_output=True, text=True, check=True)  # fmt: skip

@@ -38,7 +38,17 @@ from imagechain.format.reader import PointReader
 from imagechain.repository import MARKER, Repository
 from imagechain.stores import TEMP_MARK
 
-from .conftest import assert_portable, error_lines, exe, flip, loop_device, need_root, need_tool, write_volume
+from .conftest import (
+    assert_portable,
+    error_lines,
+    exe,
+    flip,
+    loop_device,
+    need_root,
+    need_tool,
+    restore_as_target_appears,
+    write_volume,
+)
 
 BS = 64 << 10  # the default block size
 
@@ -372,39 +382,23 @@ def test_a_delta_restore_reads_on_after_short_reads(tmp_path: Path, repo: Path,
         short = os.readlink(f"/proc/self/fd/{fd}") == str(target)
         return real(fd, min(n, 4096) if short else n, offset)
 
-    monkeypatch.setattr(engine.os, "pread", pread)
     res = open_point(f"{repo}::default")
-    r = restore(res.repo, res.point, str(target), delta=True)
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:
+        mp.setattr(engine.os, "pread", pread)
+        r = restore(res.repo, res.point, str(target), delta=True)
     assert target.read_bytes() == data
     assert r.written_blocks == 3, r  # the three zero blocks, zeroed; every data block read whole and equal
 
 
-def test_a_target_appearing_while_restoring_keeps_the_restored_volume(
-    tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_target_appearing_while_restoring_keeps_the_restored_volume(tmp_path: Path, repo: Path) -> None:
     """Never over a file that appeared meanwhile; the restored volume is kept under a name the next restore's
     sweep of leftovers does not take for one."""
-    from imagechain.engine import restore as engine
-
     vol = tmp_path / "vol.img"
     data = write_volume(vol, 4 << 20, seed=4)
     backup(str(vol), str(repo))
     target = tmp_path / "out.img"
-    real = engine.Target.finish
-
-    def finish(self: engine.Target) -> None:
-        target.write_bytes(b"someone else's")
-        real(self)
-
-    monkeypatch.setattr(engine.Target, "finish", finish)
-    res = open_point(f"{repo}::default")
-    with pytest.raises(ImagechainError, match="appeared while restoring") as e:
-        restore(res.repo, res.point, str(target))
-    monkeypatch.undo()
-    (kept,) = tmp_path.glob("out.img.restored-*")
-    assert str(e.value).endswith(f"the restored volume is left as {kept}")
-    assert target.read_bytes() == b"someone else's" and kept.read_bytes() == data
+    error, kept = restore_as_target_appears(f"{repo}::default", target)
+    assert error.endswith(f"the restored volume is left as {kept}") and kept.read_bytes() == data
     target.unlink()
     assert restore_to(f"{repo}::default", target) == b3(data)
     assert kept.read_bytes() == data and not list(tmp_path.glob("out.img.tmp-*"))
@@ -721,12 +715,12 @@ def _remade_full(tmp_path: Path, chain: Chain, monkeypatch: pytest.MonkeyPatch, 
     data = bytearray(chain.volumes["full"])
     data[100_000:100_010] = b"0123456789"
     vol.write_bytes(data)
-    if same_ids:
-        chain_id = open_point(str(chain.files["full"])).point.header.chain_id.hex
-        ids = iter([uuid.UUID(chain_id), uuid.UUID(chain.ids["full"])])
-        monkeypatch.setattr(uuid, "uuid4", lambda: next(ids))
-    r = backup(str(vol), str(other_repo), init=True)
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:
+        if same_ids:
+            chain_id = open_point(str(chain.files["full"])).point.header.chain_id.hex
+            ids = iter([uuid.UUID(chain_id), uuid.UUID(chain.ids["full"])])
+            mp.setattr(uuid, "uuid4", lambda: next(ids))
+        r = backup(str(vol), str(other_repo), init=True)
     assert (r.point_id == chain.ids["full"]) == same_ids
     return other_repo / r.files[0]
 
@@ -926,9 +920,9 @@ def test_unknown_and_ambiguous_points(tmp_path: Path, repo: Path, small_vol: tup
     assert "small.img/default" in line and "second.img/default" in line, line
     assert json.loads(ic_ok("info", f"{repo}::second.img/default", "--json").stdout)["source"] == "second.img"
     # two points whose ids share their first 4 hex digits
-    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID("abcd" + os.urandom(14).hex()))
-    third = [backup(str(vol), str(repo), chain="third").point_id for _ in range(2)]
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:
+        mp.setattr(uuid, "uuid4", lambda: uuid.UUID("abcd" + os.urandom(14).hex()))
+        third = [backup(str(vol), str(repo), chain="third").point_id for _ in range(2)]
     line = one_line_error(ic("restore", f"{repo}::abcd", out), 6)
     # (the chain's id starts with abcd too: the address is ambiguous with it as well)
     assert "abcd" in line and all(p[:8] in line for p in third), line

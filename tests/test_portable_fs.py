@@ -332,6 +332,31 @@ def test_restore_onto_the_filesystem(tmp_path: Path, kind: str) -> None:
         assert kept.read_bytes() == v0
 
 
+@pytest.mark.root
+def test_a_volume_too_big_for_fat32_is_refused_before_a_byte_is_written(tmp_path: Path) -> None:
+    """fusefat would fail the first write past 4 GiB with a bare EPERM; said at once instead."""
+    vol = tmp_path / "big.img"
+    with open(vol, "wb") as f:  # 5 GiB, nearly all hole: backed up in a moment
+        f.truncate(5 << 30)
+        for at in (0, 3 << 30, (5 << 30) - BS):
+            f.seek(at)
+            f.write(os.urandom(BS))
+    repo = tmp_path / "repo"
+    backup(str(vol), str(repo), init=True)
+    vol.unlink()
+    with fuse_disk(tmp_path, "vfat") as disk:
+        mnt = disk.mount(tmp_path / "usb")
+        (mnt / "existing.img").write_bytes(b"x" * 4096)
+        for name, extra in (("new.img", []), ("existing.img", ["--force"])):
+            res = cli("restore", f"{repo}::default", str(mnt / name), *extra)
+            assert res.returncode == 8, res
+            assert res.stderr.strip() == (f"imagechain: error: restore target {mnt / name} is on a FAT filesystem, "
+                                          f"whose files hold at most 4 GiB - 1 byte; the volume is 5.0 GiB: restore "
+                                          f"to another filesystem (exFAT and NTFS have no such limit)"), res.stderr
+        assert sorted(p.name for p in mnt.iterdir()) == ["existing.img"]
+        assert (mnt / "existing.img").read_bytes() == b"x" * 4096
+
+
 # -- 4. hostile names ------------------------------------------------------------------------------
 LONG = ("Łong name, " * 30)[:300]
 EMOJI = "💾 Ünïcødé 🦆"

@@ -36,11 +36,12 @@ from ..payload import BlockOpener
 from ..repository import Repository
 from ..sizes import human
 from ..sources import device_size
-from ..stores.local import fsync_folder
+from ..stores.local import filesystem_of, fsync_folder
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
 
 CHUNK_BYTES = 8 << 20
+FAT_MAX_FILE = (4 << 30) - 1  # FAT32's largest file
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
@@ -430,6 +431,7 @@ class Target:
                 raise TargetError(f"restore target {path} is a symbolic link to {os.readlink(path)}, which does "
                                   f"not exist: restore to that path, or remove the link") from None
             _refuse_device_folder(path)
+            _refuse_too_big_for_fat(path, size)
             _refuse_repository_file(path, None, repo)
             _sweep(path, notes)
             try:
@@ -455,6 +457,8 @@ class Target:
             raise TargetError(f"restore target is neither a file nor a block device: {path}")
         _refuse_repository_file(path, st, repo)
         _refuse_running_source(path, st, repo)
+        if not is_dev:
+            _refuse_too_big_for_fat(path, size)
         _refuse_mounted(path, overwrite_mounted, notes)
         if not (force or delta) and (is_dev or st.st_size > 0):
             raise TargetError(f"restore target {path} exists; add --force to overwrite it or --delta to update it")
@@ -620,6 +624,15 @@ def _refuse_device_folder(path: str) -> None:
     if pending.in_dev(path):
         raise TargetError(f"restore target {path} does not exist: no such device is attached (a new file is "
                           f"never made under /dev)")  # fmt: skip
+
+
+def _refuse_too_big_for_fat(path: str, size: int) -> None:
+    """Said before a byte is written: the kernel's FAT driver stops such a file at 4 GiB with EFBIG, fusefat
+    with a bare EPERM."""
+    if size > FAT_MAX_FILE and filesystem_of(os.path.dirname(os.path.abspath(path))) == "vfat":
+        raise TargetError(f"restore target {path} is on a FAT filesystem, whose files hold at most 4 GiB - 1 byte; "
+                          f"the volume is {human(size)}: restore to another filesystem (exFAT and NTFS have no "
+                          f"such limit)")  # fmt: skip
 
 
 def _pread_upto(fd: int, length: int, offset: int) -> bytes:

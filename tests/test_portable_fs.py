@@ -31,7 +31,7 @@ from imagechain.repository import Repository
 from imagechain.sources import open_source
 from imagechain.stores.local import filesystem_of
 
-from .conftest import assert_portable, exe, restore_as_target_appears, write_volume
+from .conftest import assert_portable, exe, need_tool, restore_as_target_appears, write_volume
 from .fsimages import KINDS, fuse_disk
 
 BS = 64 << 10  # the default block size
@@ -335,6 +335,7 @@ def test_restore_onto_the_filesystem(tmp_path: Path, kind: str) -> None:
 @pytest.mark.root
 def test_a_volume_too_big_for_fat32_is_refused_before_a_byte_is_written(tmp_path: Path) -> None:
     """fusefat would fail the first write past 4 GiB with a bare EPERM; said at once instead."""
+    need_tool("qemu-img")
     vol = tmp_path / "big.img"
     with open(vol, "wb") as f:  # 5 GiB, nearly all hole: backed up in a moment
         f.truncate(5 << 30)
@@ -353,6 +354,9 @@ def test_a_volume_too_big_for_fat32_is_refused_before_a_byte_is_written(tmp_path
             assert res.stderr.strip() == (f"imagechain: error: restore target {mnt / name} is on a FAT filesystem, "
                                           f"whose files hold at most 4 GiB - 1 byte; the volume is 5.0 GiB: restore "
                                           f"to another filesystem (exFAT and NTFS have no such limit)"), res.stderr
+        # a raw export is as big as the volume; the other formats are not refused
+        res = cli("export", f"{repo}::default", str(mnt / "big.raw"), "--format", "raw")
+        assert res.returncode == 8 and "is on a FAT filesystem" in res.stderr and "as qcow2" in res.stderr, res
         assert sorted(p.name for p in mnt.iterdir()) == ["existing.img"]
         assert (mnt / "existing.img").read_bytes() == b"x" * 4096
 

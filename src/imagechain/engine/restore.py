@@ -36,12 +36,11 @@ from ..payload import BlockOpener
 from ..repository import Repository
 from ..sizes import human
 from ..sources import device_size
-from ..stores.local import filesystem_of, fsync_folder
+from ..stores.local import FAT_MAX_FILE, filesystem_of, fsync_folder
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
 
 CHUNK_BYTES = 8 << 20
-FAT_MAX_FILE = (4 << 30) - 1  # FAT32's largest file
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F

@@ -352,6 +352,9 @@ class LocalStore(Store):
         return filesystem_of(self.root)
 
 
+FAT_MAX_FILE = (4 << 30) - 1  # FAT32's largest file
+
+
 def filesystem_of(path: str) -> str:
     """Filesystem type of the mount holding path, looking through FUSE to the device's superblock."""
     try:

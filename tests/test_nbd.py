@@ -549,6 +549,8 @@ def test_export_every_format(tmp_path: Path, repo: Path) -> None:
     assert raw.read_bytes() == data
     p = ic("export", f"{repo}::default", repo / "inside.img", "--format", "raw")
     assert p.returncode == 8 and "inside the repository" in p.stderr
+    p = ic("export", f"{repo}::default", "", "--format", "raw")
+    assert p.returncode == 8 and error_lines(p.stderr) == ["imagechain: error: export target '' names no file"]
 
 
 def stalled_export(tmp_path: Path, repo: Path, out: Path) -> tuple[subprocess.Popen[str], int]:

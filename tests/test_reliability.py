@@ -875,6 +875,10 @@ def test_bad_restore_targets(tmp_path: Path, repo: Path, small_vol: tuple[Path, 
     assert "--force" in line and existing.read_bytes() == b"precious" * 1000
     one_line_error(ic("restore", f"{repo}::default", tmp_path), 8)
     one_line_error(ic("restore", f"{repo}::default", tmp_path / "no-dir" / "x.img"), 8)
+    for nothing in ("", f"{tmp_path}/new.img/"):  # names no file: said before anything is written
+        line = one_line_error(ic("restore", f"{repo}::default", nothing), 8)
+        assert line == f"imagechain: error: restore target {nothing!r} names no file: give a file or a block device"
+    assert not [p for p in tmp_path.iterdir() if "tmp-" in p.name] and not list(Path.cwd().glob(".tmp-*"))
     # a dangling symbolic link: said at once, not after the whole volume was written beside it
     link = tmp_path / "link.img"
     link.symlink_to(tmp_path / "nowhere.img")

@@ -423,6 +423,8 @@ class Target:
     @classmethod
     def open(cls, path: str, size: int, delta: bool, force: bool, repo: Repository, overwrite_mounted: bool = False,
              notes: list[str] | None = None) -> Target:  # fmt: skip
+        if not path or path.endswith("/"):
+            raise TargetError(f"restore target {path!r} names no file: give a file or a block device")
         try:
             st = os.stat(path)
         except FileNotFoundError:

@@ -113,6 +113,8 @@ def export(repo: Repository, point: PointFiles, out: str, fmt: str, *, cat: Cata
 
 
 def _check_target(out: str, force: bool, repo: Repository) -> None:
+    if not out or out.endswith("/"):
+        raise TargetError(f"export target {out!r} names no file")
     root = getattr(repo.store, "root", None)
     if root is not None:
         real, top = os.path.realpath(out), os.path.realpath(root)

@@ -78,6 +78,20 @@ _DISK_EVIDENCE = (
 )
 
 
+def pread_upto(fd: int, length: int, offset: int) -> bytes:
+    """length bytes from offset, fewer only where the file ends: a read may return less than it was asked
+    for without being at the end (FUSE and network filesystems)."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length and parts[-1]:
+        parts.append(os.pread(fd, length - got, offset + got))
+        got += len(parts[-1])
+    return b"".join(parts)
+
+
 @dataclass
 class Source:
     path: str
@@ -94,12 +108,7 @@ class Source:
 
     def read(self, offset: int, length: int) -> bytes:
         try:
-            data = os.pread(self.fd, length, offset)
-            while len(data) < length:  # a read may return less without being at the end (FUSE, NFS)
-                more = os.pread(self.fd, length - len(data), offset + len(data))
-                if not more:
-                    break
-                data += more
+            data = pread_upto(self.fd, length, offset)
         except OSError as e:
             raise SourceError(f"cannot read source {self.path} at {offset}: {e.strerror}") from e
         if len(data) != length:

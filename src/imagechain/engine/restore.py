@@ -35,8 +35,8 @@ from ..partitions import relocate_gpt_backup
 from ..payload import BlockOpener
 from ..repository import Repository
 from ..sizes import human
-from ..sources import device_size
-from ..stores.local import FAT_MAX_FILE, filesystem_of, fsync_folder
+from ..sources import device_size, pread_upto
+from ..stores.local import fsync_folder, too_big_for_fat
 from .pipeline import default_threads, ordered_map, prefetch
 from .progress import Progress, Silent
 
@@ -258,10 +258,6 @@ class _Restore:
     zeroed: int = 0  # of written: zeroed (or discarded) without writing buffers
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @property
-    def blank(self) -> bool:
-        return self.tgt.blank
-
     def _count(self, n: int, zeroed: int = 0) -> None:
         with self.lock:
             self.written += n
@@ -314,7 +310,7 @@ class _Restore:
             while s < stop:
                 e = min(stop, s + per_chunk)
                 lo, hi = np.searchsorted(data, [s, e])
-                if self.blank and not self.delta and lo == hi:  # nothing to write up to the next data block
+                if self.tgt.blank and not self.delta and lo == hi:  # nothing to write up to the next data block
                     e = min(stop, max(e, int(data[hi]) if hi < len(data) else stop))
                 k = int(np.searchsorted(heads, e))
                 e = min(stop, int(heads[k]) if k < len(heads) else stop)
@@ -331,7 +327,7 @@ class _Restore:
             return self._delta(p, covered)
         for got in self.payloads.proven(p.bm, p.data, p.fetched):
             self.put(got)
-        zeros = [] if self.blank else _runs(p, set(p.data))  # a new file: holes already
+        zeros = [] if self.tgt.blank else _runs(p, set(p.data))  # a new file: holes already
         return self.finish_piece(p, covered, len(p.data), zeros, len(p.data))
 
     def _delta(self, p: _Piece, covered: int) -> _Done:
@@ -343,7 +339,7 @@ class _Restore:
             return _Done(covered, 0, 0)
         t0, n = self.clip(p.s * bs, (p.e - p.s) * bs)
         lead = t0 + self.base - p.s * bs  # bytes of the first block before the window (partition restores)
-        have = _pread_upto(self.tgt.fd, n, t0)
+        have = pread_upto(self.tgt.fd, n, t0)
         # past `valid` the target ended: what it holds there is not known to be anything (fusefat said EOF
         # inside a file it had extended), so those blocks are written, never taken for zeros
         valid = lead + len(have)
@@ -630,21 +626,10 @@ def _refuse_device_folder(path: str) -> None:
 def _refuse_too_big_for_fat(path: str, size: int) -> None:
     """Said before a byte is written: the kernel's FAT driver stops such a file at 4 GiB with EFBIG, fusefat
     with a bare EPERM."""
-    if size > FAT_MAX_FILE and filesystem_of(os.path.dirname(os.path.abspath(path))) == "vfat":
+    if too_big_for_fat(path, size):
         raise TargetError(f"restore target {path} is on a FAT filesystem, whose files hold at most 4 GiB - 1 byte; "
                           f"the volume is {human(size)}: restore to another filesystem (exFAT and NTFS have no "
                           f"such limit)")  # fmt: skip
-
-
-def _pread_upto(fd: int, length: int, offset: int) -> bytes:
-    """length bytes from offset, fewer only where the file ends: a read may return less than it was asked
-    for without being at the end (FUSE and network filesystems)."""
-    parts = [os.pread(fd, length, offset)]
-    got = len(parts[0])
-    while got < length and parts[-1]:
-        parts.append(os.pread(fd, length - got, offset + got))
-        got += len(parts[-1])
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _sweep(path: str, notes: list[str] | None) -> None:

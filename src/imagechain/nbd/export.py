@@ -23,7 +23,7 @@ from ..format.reader import PointFiles
 from ..keyring import Keyring
 from ..repository import Repository
 from ..sizes import human
-from ..stores.local import FAT_MAX_FILE, filesystem_of, fsync_folder
+from ..stores.local import fsync_folder, too_big_for_fat
 from ..view import PointView
 from .server import NbdServer, close_view
 
@@ -60,7 +60,7 @@ def export(repo: Repository, point: PointFiles, out: str, fmt: str, *, cat: Cata
     exe = qemu_img()
     _check_target(out, force, repo)
     size = point.header.volume_size
-    if fmt == "raw" and size > FAT_MAX_FILE and filesystem_of(os.path.dirname(os.path.abspath(out))) == "vfat":
+    if fmt == "raw" and too_big_for_fat(out, size):
         raise TargetError(f"export target {out} is on a FAT filesystem, whose files hold at most 4 GiB - 1 byte; "
                           f"a raw image of this volume is {human(size)}: export to another filesystem, or as "
                           f"qcow2, vhdx or vmdk")  # fmt: skip

@@ -26,6 +26,7 @@ import numpy as np
 from .. import libc
 from ..errors import MountError, UsageError
 from ..format import spec
+from ..sources import pread_upto
 from ..stores import temporary_name
 from ..stores.local import fsync_folder
 from ..view import Extent
@@ -289,15 +290,9 @@ def _read_header(rec: str, rfd: int) -> dict[str, object]:
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
-    """length bytes; zeros only past the file's end. A read may return less without being at the end (FUSE,
-    network filesystems): padding that with zeros would serve zeros for written data."""
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            return data + bytes(length - len(data))
-        data += more
-    return data
+    """length bytes; zeros only past the file's end (never for a read that returned less before it)."""
+    data = pread_upto(fd, length, offset)
+    return data if len(data) == length else data + bytes(length - len(data))
 
 
 def _pwrite_full(fd: int, buf: bytes | bytearray | memoryview, offset: int) -> None:

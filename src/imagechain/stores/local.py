@@ -355,6 +355,11 @@ class LocalStore(Store):
 FAT_MAX_FILE = (4 << 30) - 1  # FAT32's largest file
 
 
+def too_big_for_fat(path: str, size: int) -> bool:
+    """Would a file of size bytes at path pass FAT32's largest file? (The mount is looked up only then.)"""
+    return size > FAT_MAX_FILE and filesystem_of(os.path.dirname(os.path.abspath(path))) == "vfat"
+
+
 def filesystem_of(path: str) -> str:
     """Filesystem type of the mount holding path, looking through FUSE to the device's superblock."""
     try:

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -30,10 +31,11 @@ from imagechain.crypto import Passphrase
 from imagechain.engine.backup import backup
 from imagechain.errors import IntegrityError
 from imagechain.mount import state, system
+from imagechain.sizes import human
 from imagechain.view import PointView
 
 from .conftest import error_lines, exe, need_root, need_tool, write_volume
-from .fsfill import content, make_fs, mounted_fs, need_kind, sha256_file, tree
+from .fsfill import check_fs, content, make_fs, mounted_fs, need_kind, sha256_file, tree
 
 pytestmark = pytest.mark.root
 MiB = 1 << 20
@@ -280,47 +282,189 @@ def private_leftovers() -> list[str]:
         [d for top in tops for d in system.loops_under(top)]  # fmt: skip
 
 
+def stalled_restore_files(tmp_path: Path, repo: Path, dest: Path, *paths: str,
+                          then: str = "") -> tuple[subprocess.Popen[str], int]:  # fmt: skip
+    """A restore-files whose cp (a stand-in around the real one) has copied everything, then runs the shell
+    command `then` and waits instead of exiting (or exits, when `then` is given): (the restore-files, the
+    stand-in's pid, 0 when it exits)."""
+    real = shutil.which("cp")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    done = tmp_path / "copied"
+    with contextlib.suppress(FileNotFoundError):
+        done.unlink()
+    stall = f'echo $$ > "{done}.tmp"\nmv "{done}.tmp" "{done}"\nexec sleep 60\n'
+    (bin_dir / "cp").write_text(f'#!/bin/sh\n"{real}" "$@" || exit $?\n{then or stall}\n')
+    (bin_dir / "cp").chmod(0o755)
+    proc = subprocess.Popen([exe(), "restore-files", f"{repo}::default", *paths, str(dest)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not then and not done.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    return proc, int(done.read_text()) if not then else 0
+
+
+def staged(dest: Path) -> list[Path]:
+    return sorted(p for p in dest.iterdir() if p.name.startswith(".imagechain-files.tmp-"))
+
+
+def wait_dead(pid: int) -> None:
+    """Until pid is gone or a zombie (whose parent died: init reaps it)."""
+    for _ in range(500):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} is still running")
+
+
 def test_restore_files_stopped_or_killed(ext4: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
-    """A copy that cannot finish (its target is a FIFO nobody reads, so cp waits in open): a stop signal
-    takes the private mount down; after a SIGKILL, the next restore-files does."""
+    """The whole copy made, its cp not yet exited: a stop signal takes the private mount down and leaves
+    DEST as it was. After a SIGKILL the copy's staging folder stays while its cp lives (the cp holds its
+    lock), and the next restore-files removes it, with a notice, once the cp is gone."""
     _, repo, _ = ext4
     dest = tmp_path / "out"
     dest.mkdir()
-    os.mkfifo(dest / "data.txt")
-
-    def stuck() -> subprocess.Popen[str]:
-        proc = subprocess.Popen([exe(), "restore-files", f"{repo}::default", "keep/data.txt", str(dest), "--force"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not [m for m in system.mount_table() if m.mountpoint.endswith("/files") and "imagechain-files-" in
-                   m.mountpoint]:  # fmt: skip
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        time.sleep(0.3)  # cp is now waiting for a reader of the FIFO
-        return proc
-
-    proc = stuck()
+    (dest / "mine.txt").write_text("mine\n")
+    proc, cp = stalled_restore_files(tmp_path, repo, dest, "keep")
+    (stage,) = staged(dest)
+    assert (stage / "keep" / "data.txt").read_bytes() == b"kept with its metadata\n"  # copied, not published
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert f"interrupted (SIGTERM); the private mount was taken down; {dest} may hold part of the copy" in err
+    assert error_lines(err) == [f"imagechain: interrupted (SIGTERM); the private mount was taken down; nothing "
+                                f"was copied to {dest}"]  # fmt: skip
+    assert sorted(os.listdir(dest)) == ["mine.txt"]
     assert private_leftovers() == []
+    wait_dead(cp)  # the copy was ended too
 
-    proc = stuck()
-    proc.kill()
+    proc, cp = stalled_restore_files(tmp_path, repo, dest, "keep")
+    proc.kill()  # nothing can clean up after this
     proc.wait()
-    left = private_leftovers()
-    assert left, "a SIGKILL leaves the private mount"
-    cp = system.driver_of(str(dest) + "/")  # the copy, still waiting on the FIFO
-    assert cp is not None
-    os.kill(cp[0], signal.SIGKILL)
-    assert system.wait_gone(*cp, 10)
-    os.unlink(dest / "data.txt")
-    r = ic("restore-files", f"{repo}::default", "keep/data.txt", dest)
+    (stage,) = staged(dest)
+    assert private_leftovers(), "a SIGKILL leaves the private mount"
+    r = ic("restore-files", f"{repo}::default", "keep/sub", dest)
     assert r.returncode == 0, r.stderr
     assert "notice: took down the private mount" in r.stderr and "left by a killed restore-files" in r.stderr
-    assert private_leftovers() == []
+    assert staged(dest) == [stage], "a staging folder whose cp still runs is not removed"
+    os.kill(cp, signal.SIGKILL)
+    wait_dead(cp)
+    size = sum(p.lstat().st_size for p in stage.rglob("*") if not p.is_dir())
+    r = ic("restore-files", f"{repo}::default", "keep/data.txt", dest)
+    assert r.returncode == 0, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("notice:")] == [
+        f"notice: removed {stage} ({human(size)}), left by a restore-files that did not finish"]
+    assert sorted(os.listdir(dest)) == ["data.txt", "mine.txt", "sub"]
     assert (dest / "data.txt").read_bytes() == b"kept with its metadata\n"
+    assert private_leftovers() == []
+
+
+def test_restore_files_is_all_or_nothing(ext4: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    """A copy that fails half-way (its filesystem fills up) or finds a name taken when it is done leaves
+    DEST as it was: no part-written file, and files --force would replace keep their content. --force
+    replaces a file in one step (never writing into it: its other hard links keep the old content), merges
+    folders, and never replaces a folder with a file."""
+    _, repo, files = ext4
+    need_tool("mount")
+
+    def as_before(dest: Path, before: dict[str, bytes]) -> None:
+        now = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+        assert now == before
+
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(usb)], check=True)
+    try:
+        dest = usb / "out"
+        (dest / "keep").mkdir(parents=True)
+        (dest / "keep" / "data.txt").write_bytes(b"old\n")
+        (dest / "keep" / "mine.txt").write_bytes(b"mine\n")
+        before = {"keep/data.txt": b"old\n", "keep/mine.txt": b"mine\n"}
+        free = os.statvfs(usb).f_bfree
+        r = ic("restore-files", f"{repo}::default", "/", dest, "--force")  # about 6 MiB onto 3 MiB
+        assert r.returncode == 10, r.stderr
+        (line,) = error_lines(r.stderr)
+        assert line.startswith(f"imagechain: error: copying to {dest} failed: cp: ") and line.endswith(
+            "No space left on device; nothing was copied"), line  # fmt: skip
+        assert f"{dest}/" in line and ".imagechain-files" not in line, line  # named as in DEST
+        as_before(dest, before)
+        assert staged(dest) == [] and os.statvfs(usb).f_bfree == free
+        subprocess.run(["mount", "-o", "remount,ro", str(usb)], check=True)
+        r = ic("restore-files", f"{repo}::default", "keep", dest, "--force")
+        assert r.returncode == 8, r.stderr
+        assert error_lines(r.stderr) == [f"imagechain: error: cannot write into {dest}: Read-only file system"]
+    finally:
+        subprocess.run(["umount", "-l", str(usb)], check=False)
+
+    dest = tmp_path / "out"
+    (dest / "keep").mkdir(parents=True)
+    (dest / "keep" / "data.txt").write_bytes(b"old\n")
+    os.link(dest / "keep" / "data.txt", tmp_path / "other-link")
+    (dest / "keep" / "mine.txt").write_bytes(b"mine\n")
+    # a name taken while the copy ran: found when it is done, before anything is moved
+    proc, _ = stalled_restore_files(tmp_path, repo, dest, "docs", then=f'echo late > "{dest}/docs"')
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 8, err
+    assert error_lines(err) == [f"imagechain: error: {dest}/docs appeared while copying; nothing was copied"]
+    (dest / "docs").unlink()
+    as_before(dest, before)
+    assert staged(dest) == []
+    # a folder where the point has a file: refused before copying
+    (dest / "keep" / "data.txt").rename(tmp_path / "old.txt")
+    (dest / "keep" / "data.txt").mkdir()
+    (dest / "keep" / "data.txt" / "inside").write_bytes(b"inside\n")
+    r = ic("restore-files", f"{repo}::default", "keep", dest, "--force")
+    assert r.returncode == 8, r.stderr
+    assert error_lines(r.stderr) == [f"imagechain: error: {dest}/keep/data.txt is a folder, and the point has a "
+                                     f"file there: --force replaces files, never folders; move it away first"]
+    assert (dest / "keep" / "data.txt" / "inside").read_bytes() == b"inside\n" and staged(dest) == []
+    shutil.rmtree(dest / "keep" / "data.txt")
+    (tmp_path / "old.txt").rename(dest / "keep" / "data.txt")
+    # done: the file replaced whole, the folder merged and given the point's owner, mode and times
+    r = ic("restore-files", f"{repo}::default", "keep", dest, "--force")
+    assert r.returncode == 0, r.stderr
+    assert (dest / "keep" / "data.txt").read_bytes() == b"kept with its metadata\n"
+    assert (tmp_path / "other-link").read_bytes() == b"old\n"
+    assert (dest / "keep" / "mine.txt").read_bytes() == b"mine\n"
+    assert sha256_file(dest / "keep" / "sub" / "deep.txt") == files["keep/sub/deep.txt"]
+    assert os.readlink(dest / "keep" / "link") == "data.txt"
+    st = (dest / "keep").lstat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (1234, 5678, 0o750, MTIME_NS)
+    assert os.getxattr(dest / "keep" / "data.txt", "user.comment") == b"kept" and staged(dest) == []
+
+
+def drop_caches() -> None:
+    """Forget cached inodes, so that a FUSE driver is asked afresh for what it stored."""
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+
+
+@pytest.mark.parametrize("kind", ["fat32", "exfat"])
+def test_restore_files_onto_fat(ext4: tuple[Path, Path, dict[str, str]], tmp_path: Path, kind: str) -> None:
+    """FAT and exFAT hold no owners, modes or hard links: files and folders are copied without them (and
+    with their times), not failed for them. A symlink cannot be held there: nothing is copied."""
+    _, repo, files = ext4
+    img = make_fs(tmp_path, kind)
+    with mounted_fs(img, kind, tmp_path / "m") as m:
+        dest = m / "restored"
+        r = ic("restore-files", f"{repo}::default", "data", "keep/sub", "keep/data.txt", dest)
+        assert r.returncode == 0, r.stderr
+        got = {str(p.relative_to(dest)): sha256_file(p) for p in dest.rglob("*") if p.is_file()}
+        want = {k: v for k, v in files.items() if k.startswith("data/")}
+        want.update({"sub/deep.txt": files["keep/sub/deep.txt"], "data.txt": files["keep/data.txt"]})
+        assert got == want
+        os.sync()
+        drop_caches()  # what the driver keeps, not what the kernel remembers it was told
+        assert (dest / "data.txt").stat().st_mtime_ns // 10**9 in (MTIME_NS // 10**9, MTIME_NS // 10**9 - 1)
+        r = ic("restore-files", f"{repo}::default", "keep", dest / "with-link")
+        assert r.returncode == 8, r.stderr
+        (line,) = error_lines(r.stderr)
+        assert "cannot create symbolic link" in line and line.endswith("; nothing was copied"), line
+        assert not (dest / "with-link").exists() and staged(dest) == []
+    check_fs(img, kind)
 
 
 # ---------------------------------------------------------------- XFS with a dirty log

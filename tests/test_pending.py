@@ -41,6 +41,29 @@ def test_sweep_removes_unlocked_temporaries_of_that_name_only(tmp_path: Path) ->
     assert pending.sweep(str(tmp_path / "no-folder" / "x")) == []
 
 
+def test_folders_are_swept_with_all_they_hold_and_only_in_folder_sweeps(tmp_path: Path) -> None:
+    final = tmp_path / ".staging"
+    orphan = tmp_path / ".staging.tmp-0123abcd"
+    (orphan / "deep").mkdir(parents=True)
+    (orphan / "deep" / "f").write_bytes(b"x" * 300)
+    (orphan / "g").write_bytes(b"y" * 200)
+    (orphan / "deep").chmod(0o500)  # as a copy of a read-only folder leaves it
+    file_twin = tmp_path / ".staging.tmp-89abcdef"
+    file_twin.write_bytes(b"a file, not a staging folder")
+    fd, live = pending.create(str(final), folder=True)
+    try:
+        assert os.path.isdir(live) and temporary_of(os.path.basename(live)) == ".staging"
+        assert pending.sweep(str(final)) == [(str(file_twin), 28)]  # a file sweep takes no folder
+        assert orphan.is_dir()
+        file_twin.write_bytes(b"kept")
+        assert pending.sweep(str(final), folders=True) == [(str(orphan), 500)]  # nor a folder sweep a file
+        assert not orphan.exists() and os.path.isdir(live) and file_twin.exists()
+    finally:
+        os.close(fd)
+    assert pending.sweep(str(final), folders=True) == [(live, 0)]
+    assert not os.path.exists(live)
+
+
 def test_a_locked_temporary_survives_a_sweep_from_another_process(tmp_path: Path) -> None:
     final = tmp_path / "out.img"
     fd, live = pending.create(str(final))

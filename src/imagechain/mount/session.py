@@ -338,18 +338,15 @@ def restore_files(res: Resolved, keyring: Keyring, paths: list[str], dest: str, 
         p = Plan(p.images, [fs])
         tmp = tempfile.mkdtemp(prefix="imagechain-files-")
         session = Session(view, header, tmp, p, new_record(tmp, "restore-files", header, private=True))
-        proc: list[subprocess.Popen[bytes]] = []
+        copying = False
         try:
             session.up(notice, strict=True)
             root = os.path.join(tmp, fs.folder)
             sources = [(path, files.resolve_inside(root, path)) for path in paths]
-            copied = files.copy_out(root, sources, dest, force, proc.append)
+            copying = True  # from here copy_out says what a stop left
+            copied = files.copy_out(root, sources, dest, force, notice)
         except Stopped as stop:
-            for c in proc:
-                if c.poll() is None:
-                    c.terminate()
-                    c.wait()
-            stop.what = f"the private mount was taken down; {dest} may hold part of the copy"
+            stop.what = f"the private mount was taken down; {stop.what if copying else f'nothing was copied to {dest}'}"
             raise
         finally:
             session.down(lazy=True, notice=notice)

@@ -330,6 +330,34 @@ def test_creating_a_repository_is_explicit(tmp_path: Path) -> None:
     assert ic("backup", vol, tmp_path / "new" / "repo", "--init").returncode == 0
 
 
+def test_no_repository_is_made_inside_or_around_another(tmp_path: Path) -> None:
+    """Every image file below a repository's folder is its own: a repository made inside another would be
+    listed, pruned and locked by both."""
+    vol = tmp_path / "vol.img"
+    write_volume(vol, MiB, seed=14)
+    outer = tmp_path / "outer"
+    assert ic("backup", vol, outer, "--init").returncode == 0
+    before = sorted(str(p.relative_to(outer)) for p in outer.rglob("*"))
+    for argv in (["init", outer / "inner"], ["backup", vol, outer / "a" / "b", "--init"],
+                 ["replicate", outer, outer / "copy", "--init"]):  # fmt: skip
+        line = one_line(ic(*argv), 4)
+        assert f"lies inside the repository {outer}" in line, line
+    assert sorted(str(p.relative_to(outer)) for p in outer.rglob("*")) == before  # nothing made in it
+    around = tmp_path / "around"
+    (around / "old").mkdir(parents=True)
+    shutil.copytree(outer, around / "old" / "repo")
+    line = one_line(ic("init", around), 4)
+    assert f"holds the repository {around}/old/repo" in line, line
+    assert not (around / "imagechain.json").exists()
+    # a folder of image files without a marker (copied there by hand) may still become one
+    plain = tmp_path / "plain"
+    shutil.copytree(outer, plain, ignore=shutil.ignore_patterns("imagechain.json", "locks"))
+    assert ic("init", plain).returncode == 0
+    assert ic("restore", f"{plain}::default", tmp_path / "out.img").returncode == 0
+    assert (tmp_path / "out.img").read_bytes() == vol.read_bytes()
+    assert ic("init", outer).returncode == 0  # an existing repository: nothing is made, nothing refused
+
+
 def test_first_backups_racing_to_create_one_repository_all_succeed(tmp_path: Path) -> None:
     vol = tmp_path / "vol.img"
     write_volume(vol, MiB, seed=13)

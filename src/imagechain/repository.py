@@ -52,6 +52,8 @@ class Repository:
             pass
         except OSError as e:  # ENOTCONN (a FUSE driver gone), EIO: the disk, not a missing folder
             raise RepositoryError(f"cannot read repository {path}: {e.strerror or e}") from e
+        if create and not os.path.isfile(os.path.join(path, MARKER)):
+            _refuse_nesting(path)
         if not os.path.isdir(path):
             if os.path.exists(path):
                 raise RepositoryError(f"repository is not a folder: {path}")
@@ -101,6 +103,32 @@ class Repository:
     def point_base(chain_dir: str, created_us: int, sequence: int, full: bool, point_hex: str) -> str:
         kind = "full" if full else "incr"
         return f"{chain_dir}/{timestamp(created_us)}-{sequence:04d}-{kind}-{point_hex[:8]}"
+
+
+def _refuse_nesting(path: str) -> None:
+    """A repository is every image file below its folder, whatever the path: one made inside another (or
+    around one) would have its points listed, pruned and consolidated by the other too, under another
+    folder of locks."""
+    real = os.path.realpath(path)
+    up = os.path.dirname(real)
+    while True:
+        if os.path.isfile(os.path.join(up, MARKER)):
+            raise RepositoryError(f"{path} lies inside the repository {up}: a repository inside another would be "
+                                  f"read as part of it; use {up} itself, or a folder outside it")  # fmt: skip
+        if os.path.dirname(up) == up:
+            break
+        up = os.path.dirname(up)
+
+    def fail(e: OSError) -> None:
+        if isinstance(e, FileNotFoundError):
+            return  # the folder is still to be made (or a subfolder went meanwhile)
+        raise RepositoryError(f"cannot read {e.filename or path} (looking for repositories inside {path}): "
+                              f"{e.strerror or e}")  # fmt: skip
+
+    for top, _dirs, names in os.walk(real, onerror=fail):
+        if MARKER in names and os.path.isfile(os.path.join(top, MARKER)):
+            raise RepositoryError(f"{path} holds the repository {top}: a repository around another would read "
+                                  f"its points as its own; use {top} itself, or another folder")  # fmt: skip
 
 
 def find_root(path: str) -> str:

@@ -89,6 +89,8 @@ class Clock:
      ["job 'a'", "passphrase", "never goes into the job file"]),
     ('[jobs.a]\nsource = "/s"\nrepository = "/r"\nschedule = "daily"\nretention = { last = -1 }\n',
      ["job 'a'", "retention", "last"]),
+    ('[jobs.a]\nsource = "/s"\nrepository = "/r"\nschedule = "daily"\nretention = { keep_last = 2 }\n',
+     ["job 'a': retention: unknown key(s) keep_last (known: daily, hourly, last, monthly, weekly)"]),
     ('[jobs.a]\nsource = "/s"\nrepository = "/r"\nschedule = "daily"\nencryption = "passphrase"\n',
      ["job 'a'", "encryption", "passphrase_file"]),
     ('[jobs.a]\nsource = "/s"\nrepository = "/r"\nschedule = "daily"\nsnapshot = "zfs"\n', ["job 'a'", "snapshot"]),
@@ -151,9 +153,14 @@ def test_schedules() -> None:
         "*/10 * * * *"]  # fmt: skip
     nxt = parse("weekly sun 03:00").next_after(datetime.fromisoformat("2026-11-27T12:00").astimezone())
     assert (nxt.weekday(), nxt.hour, nxt.day) == (6, 3, 29)
-    for bad in ("weekly xyz 03:00", "monthly 31 01:00", "every day", "1 2 3"):
+    for bad in ("weekly xyz 03:00", "monthly 31 01:00", "every day", "1 2 3", "@often"):
         with pytest.raises(ValueError):
             parse(bad)
+    # cron's nicknames
+    assert [parse(t).cron for t in ("@hourly", "@daily", "@Midnight", "@weekly", "@monthly", "@yearly")] == [
+        "0 * * * *", "0 0 * * *", "0 0 * * *", "0 0 * * 0", "0 0 1 * *", "0 0 1 1 *"]  # fmt: skip
+    with pytest.raises(ValueError, match="runs a job missed while it was down"):
+        parse("@reboot")
 
 
 # -- the agent, on an injected clock ----------------------------------------------------------------------

@@ -149,9 +149,11 @@ def _table(doc: dict[str, Any], key: str, path: str, what: str) -> dict[str, Any
 
 
 def _only(body: dict[str, Any], allowed: set[str], where: str) -> None:
+    """Unknown keys refused; `where` "" when the caller names the place itself."""
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
+        raise UsageError(f"{f'{where}: ' if where else ''}unknown key(s) {', '.join(unknown)} (known: "
+                         f"{', '.join(sorted(allowed))})")  # fmt: skip
 
 
 def _notify(body: dict[str, Any], base: Notify, where: str) -> Notify:
@@ -248,7 +250,7 @@ def _str(v: object) -> str:
 def _retention(v: object) -> Policy:
     if not isinstance(v, dict):
         raise ValueError("must be a table such as { last = 7, daily = 14, weekly = 8 }")
-    _only(v, RETENTION_KEYS, "retention")
+    _only(v, RETENTION_KEYS, "")  # the job's check names the key
     counts = {}
     for k in RETENTION_KEYS:
         n = v.get(k, 0)

@@ -33,6 +33,11 @@ class Schedule:
         return prev
 
 
+# cron's own nicknames, as crontab(5) defines them
+_NICKNAMES = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@weekly": "0 0 * * 0",
+              "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *"}  # fmt: skip
+
+
 def parse(text: str) -> Schedule:
     """A schedule; ValueError saying what is wrong."""
     t = " ".join(text.lower().split())
@@ -54,6 +59,11 @@ def parse(text: str) -> Schedule:
         if not 1 <= day_of_month <= 28:
             raise ValueError("a monthly day must be 1 to 28 (every month has it)")
         return Schedule(text, f"{int(m.group(3) or 0)} {int(m.group(2) or 0)} {day_of_month} * *")
+    if t in _NICKNAMES:
+        return Schedule(text, _NICKNAMES[t])
+    if t == "@reboot":
+        raise ValueError("'@reboot' is no schedule here: the agent runs a job missed while it was down once when "
+                         "it starts")  # fmt: skip
     if t.split(" ")[0] in ("hourly", "daily", "weekly", "monthly"):
         raise ValueError(f"{text!r}: write e.g. 'hourly', 'hourly :15', 'daily 02:00', 'weekly sun 03:00', "
                          f"'monthly 1 04:00'")  # fmt: skip

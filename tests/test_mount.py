@@ -424,6 +424,18 @@ def test_restore_files_is_all_or_nothing(ext4: tuple[Path, Path, dict[str, str]]
     assert (dest / "keep" / "data.txt" / "inside").read_bytes() == b"inside\n" and staged(dest) == []
     shutil.rmtree(dest / "keep" / "data.txt")
     (tmp_path / "old.txt").rename(dest / "keep" / "data.txt")
+    # another filesystem mounted where the point has a folder: files cannot be renamed into it
+    (dest / "keep" / "sub").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(dest / "keep" / "sub")], check=True)
+    try:
+        r = ic("restore-files", f"{repo}::default", "keep", dest, "--force")
+        assert r.returncode == 8, r.stderr
+        assert error_lines(r.stderr) == [f"imagechain: error: {dest}/keep/sub is another filesystem, mounted there: "
+                                         f"restore its part into it on its own (as DEST)"]  # fmt: skip
+        assert os.listdir(dest / "keep" / "sub") == [] and staged(dest) == []
+    finally:
+        subprocess.run(["umount", str(dest / "keep" / "sub")], check=True)
+    (dest / "keep" / "sub").rmdir()
     # done: the file replaced whole, the folder merged and given the point's owner, mode and times
     r = ic("restore-files", f"{repo}::default", "keep", dest, "--force")
     assert r.returncode == 0, r.stderr

@@ -190,7 +190,7 @@ def _survey(sources: list[tuple[str, str]], dest: str, force: bool) -> tuple[Cop
         args.append(src + "/." if whole else src)
         _count(src, count)
     for s, t in pairs:
-        _no_folder_in_the_way(s, t)
+        _no_folder_in_the_way(s, t, os.stat(dest).st_dev)
     return count, args, whole_any
 
 
@@ -207,9 +207,10 @@ def _failed(err: bytes, code: int, root: str, stage: str, dest: str) -> Imagecha
     return TargetError(f"copying to {dest} failed: {why}; nothing was copied")
 
 
-def _no_folder_in_the_way(src: str, target: str) -> None:
+def _no_folder_in_the_way(src: str, target: str, device: int) -> None:
     """--force replaces files and merges folders, but never replaces a folder (and all it holds) with a
-    file: refused before anything is copied."""
+    file; and files are moved into place by renames, which cannot reach into another filesystem mounted
+    inside DEST. Both refused before anything is copied."""
     try:
         t = os.lstat(target)
     except FileNotFoundError:
@@ -219,8 +220,11 @@ def _no_folder_in_the_way(src: str, target: str) -> None:
     if not stat.S_ISDIR(os.lstat(src).st_mode):
         raise TargetError(f"{target} is a folder, and the point has a file there: --force replaces files, never "
                           f"folders; move it away first")  # fmt: skip
+    if t.st_dev != device:
+        raise TargetError(f"{target} is another filesystem, mounted there: restore its part into it on its own "
+                          f"(as DEST)")  # fmt: skip
     for name in os.listdir(src):
-        _no_folder_in_the_way(os.path.join(src, name), os.path.join(target, name))
+        _no_folder_in_the_way(os.path.join(src, name), os.path.join(target, name), device)
 
 
 def _publish(stage: str, dest: str, force: bool, owners: bool, whole: bool) -> None:
@@ -231,7 +235,7 @@ def _publish(stage: str, dest: str, force: bool, owners: bool, whole: bool) -> N
             if os.path.lexists(os.path.join(dest, name)):
                 raise TargetError(f"{os.path.join(dest, name)} appeared while copying; nothing was copied")
     for name in os.listdir(stage):
-        _no_folder_in_the_way(os.path.join(stage, name), os.path.join(dest, name))
+        _no_folder_in_the_way(os.path.join(stage, name), os.path.join(dest, name), os.stat(dest).st_dev)
     root = os.lstat(stage)
     try:
         _merge(stage, dest, owners)

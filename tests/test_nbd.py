@@ -36,6 +36,7 @@ from imagechain.sizes import human
 from imagechain.view import PointView
 
 from .conftest import error_lines, exe, need_tool, write_volume
+from .fsfill import make_fs, mounted_fs
 
 MiB = 1 << 20
 BS = 64 << 10
@@ -436,6 +437,32 @@ def test_overlay_takes_writes_keeps_them_and_never_touches_the_repository(tmp_pa
     plain.write_bytes(b"x")
     p = ic("serve", f"{repo}::default", "--listen", "127.0.0.1:0", "--overlay", plain)
     assert p.returncode == 2 and "is not an imagechain overlay" in p.stderr and plain.read_bytes() == b"x"
+
+
+def test_an_overlay_that_cannot_be_made_is_one_line(tmp_path: Path, repo: Path) -> None:
+    """On FAT (no sparse files; fusefat refuses to size one: it said a bare 'Operation not permitted'), and
+    where the overlay's folder is read-only."""
+    vol = tmp_path / "vol.img"
+    write_volume(vol, 2 * MiB, seed=11)
+    backup(str(vol), str(repo))
+    img = make_fs(tmp_path, "fat32")
+    with mounted_fs(img, "fat32", tmp_path / "usb") as usb:
+        p = ic("serve", f"{repo}::default", "--listen", "127.0.0.1:0", "--overlay", usb / "ov.img")
+        assert p.returncode == 8, p.stderr
+        assert error_lines(p.stderr) == [f"imagechain: error: overlay {usb}/ov.img is on a FAT filesystem, which "
+                                         f"has no sparse files (fusefat cannot even size one) and holds at most "
+                                         f"4 GiB in a file: put the overlay on another filesystem"]  # fmt: skip
+        assert os.listdir(usb) == []
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
+    try:
+        p = ic("serve", f"{repo}::default", "--listen", "127.0.0.1:0", "--overlay", ro / "ov.img")
+        assert p.returncode == 2 and error_lines(p.stderr) == [
+            f"imagechain: error: cannot create overlay record {ro}/ov.img.imagechain-overlay: Read-only file "
+            f"system"], p.stderr  # fmt: skip
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
 
 
 def test_overlay_flush_orders_data_before_bits(tmp_path: Path, repo: Path) -> None:

@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 import numpy as np
 
 from .. import libc
-from ..errors import MountError, UsageError
+from ..errors import MountError, TargetError, UsageError
 from ..format import spec
 from ..sources import pread_upto
 from ..stores import temporary_name
-from ..stores.local import fsync_folder
+from ..stores.local import filesystem_of, fsync_folder
 from ..view import Extent
 from .server import Disk
 
@@ -70,6 +70,10 @@ class Overlay:
             real, top = os.path.realpath(path), os.path.realpath(repo_root)
             if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
                 raise UsageError(f"overlay {path} is inside the repository; writes must never touch it")
+        if filesystem_of(os.path.dirname(os.path.abspath(path))) == "vfat":
+            raise TargetError(f"overlay {path} is on a FAT filesystem, which has no sparse files (fusefat cannot even "
+                              f"size one) and holds at most 4 GiB in a file: put the overlay on another "
+                              f"filesystem")  # fmt: skip
         granules = -(-base.size // GRANULE)
         nbytes = -(-granules // 8)  # one bit per granule
         created = False
@@ -115,6 +119,11 @@ class Overlay:
             elif st.st_size > base.size:
                 raise UsageError(f"overlay data file {path} is larger than the volume ({st.st_size} bytes)")
             return cls(path, base, point_id, fd, rfd, bits, created)
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+            os.close(rfd)
+            raise TargetError(f"cannot {'create' if created else 'open'} overlay {path}: {e.strerror or e}") from e
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -271,9 +280,11 @@ def _create_record(rec: str, size: int, point_id: uuid.UUID, nbytes: int) -> Non
         finally:
             os.close(fd)
         os.rename(tmp, rec)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise TargetError(f"cannot create overlay record {rec}: {e.strerror or e}") from e
         raise
     fsync_folder(os.path.dirname(os.path.abspath(rec)))
 

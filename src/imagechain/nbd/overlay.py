@@ -86,7 +86,7 @@ class Overlay:
         try:
             rfd = os.open(rec, os.O_RDWR)
         except OSError as e:
-            raise UsageError(f"cannot open overlay record {rec}: {e.strerror}") from e
+            raise TargetError(f"cannot open overlay record {rec}: {e.strerror}") from e
         fd = -1
         try:
             try:
@@ -271,7 +271,7 @@ def _create_record(rec: str, size: int, point_id: uuid.UUID, nbytes: int) -> Non
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
-        raise UsageError(f"cannot create overlay record {rec}: {e.strerror}") from e
+        raise TargetError(f"cannot create overlay record {rec}: {e.strerror}") from e
     try:
         try:
             _pwrite_full(fd, head.ljust(HEADER_BYTES - 1) + b"\n", 0)

@@ -447,6 +447,12 @@ def test_restore_files_is_all_or_nothing(ext4: tuple[Path, Path, dict[str, str]]
     st = (dest / "keep").lstat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (1234, 5678, 0o750, MTIME_NS)
     assert os.getxattr(dest / "keep" / "data.txt", "user.comment") == b"kept" and staged(dest) == []
+    # never into the repository being read: what lands there would be read as part of it
+    r = ic("restore-files", f"{repo}::default", "keep", repo / "restored")
+    assert r.returncode == 8 and error_lines(r.stderr) == [
+        f"imagechain: error: {repo}/restored is inside the repository being read ({repo}): what is copied there "
+        f"would be read as part of it"], r.stderr  # fmt: skip
+    assert not (repo / "restored").exists()
 
 
 def drop_caches() -> None:

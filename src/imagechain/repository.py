@@ -76,6 +76,12 @@ class Repository:
             repo.store.create_exclusive(MARKER, json.dumps(marker, indent=1).encode())  # False: a racer made it
         return repo
 
+    def holds(self, path: str) -> bool:
+        """Does the local path lie in this repository's folder (or is it that folder)? What is written there
+        would be read as part of the repository; a remote one holds no local path."""
+        root = getattr(self.store, "root", None)
+        return root is not None and within(path, root)
+
     @classmethod
     def around(cls, folder: str) -> Repository:
         """The folder holding an image file that lies outside any repository (copied alone somewhere)."""
@@ -103,6 +109,12 @@ class Repository:
     def point_base(chain_dir: str, created_us: int, sequence: int, full: bool, point_hex: str) -> str:
         kind = "full" if full else "incr"
         return f"{chain_dir}/{timestamp(created_us)}-{sequence:04d}-{kind}-{point_hex[:8]}"
+
+
+def within(path: str, folder: str) -> bool:
+    """Is path folder itself or below it, symlinks resolved?"""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def _refuse_nesting(path: str) -> None:
@@ -144,4 +156,4 @@ def find_root(path: str) -> str:
         probe = up
 
 
-__all__ = ["EXTENSION", "MARKER", "Repository", "chain_key", "find_root"]
+__all__ = ["EXTENSION", "MARKER", "Repository", "chain_key", "find_root", "within"]

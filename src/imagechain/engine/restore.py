@@ -601,11 +601,11 @@ def _refuse_repository_file(path: str, st: os.stat_result | None, repo: Reposito
     root = getattr(repo.store, "root", None)
     if root is None:
         return
-    real, top = os.path.realpath(path), os.path.realpath(root)
-    if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+    if repo.holds(path):
         raise TargetError(f"restore target {path} is inside the repository being read ({repo.display})")
     if st is None:
         return
+    top = os.path.realpath(root)
     for entry in repo.store.list():
         try:
             other = os.stat(os.path.join(top, *entry.name.split("/")))

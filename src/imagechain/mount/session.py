@@ -328,6 +328,9 @@ def restore_files(res: Resolved, keyring: Keyring, paths: list[str], dest: str, 
     dest = os.path.abspath(dest)
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise TargetError(f"{dest} exists and is not a folder")
+    if res.repo.holds(dest):
+        raise TargetError(f"{dest} is inside the repository being read ({res.repo.display}): what is copied there "
+                          f"would be read as part of it")  # fmt: skip
     header = res.point.header
     if partition is not None:
         partition_window(header, partition)  # no such partition: an error before anything is mounted

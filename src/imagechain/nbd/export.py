@@ -115,11 +115,8 @@ def export(repo: Repository, point: PointFiles, out: str, fmt: str, *, cat: Cata
 def _check_target(out: str, force: bool, repo: Repository) -> None:
     if not out or out.endswith("/"):
         raise TargetError(f"export target {out!r} names no file")
-    root = getattr(repo.store, "root", None)
-    if root is not None:
-        real, top = os.path.realpath(out), os.path.realpath(root)
-        if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
-            raise TargetError(f"export target {out} is inside the repository being read ({repo.display})")
+    if repo.holds(out):
+        raise TargetError(f"export target {out} is inside the repository being read ({repo.display})")
     folder = os.path.dirname(os.path.abspath(out))
     if pending.in_dev(out):
         raise TargetError(f"export target {out} is under /dev: an export is a file, never made there")

@@ -26,6 +26,7 @@ import numpy as np
 from .. import libc
 from ..errors import MountError, TargetError, UsageError
 from ..format import spec
+from ..repository import within
 from ..sources import pread_upto
 from ..stores import temporary_name
 from ..stores.local import filesystem_of, fsync_folder
@@ -66,10 +67,8 @@ class Overlay:
         """Continue the overlay at path, or start one when neither path nor its record exists. An overlay
         of another point (or volume size) is refused: its writes would land on the wrong data."""
         rec = record_path(path)
-        if repo_root is not None:
-            real, top = os.path.realpath(path), os.path.realpath(repo_root)
-            if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
-                raise UsageError(f"overlay {path} is inside the repository; writes must never touch it")
+        if repo_root is not None and within(path, repo_root):
+            raise UsageError(f"overlay {path} is inside the repository; writes must never touch it")
         if filesystem_of(os.path.dirname(os.path.abspath(path))) == "vfat":
             raise TargetError(f"overlay {path} is on a FAT filesystem, which has no sparse files (fusefat cannot even "
                               f"size one) and holds at most 4 GiB in a file: put the overlay on another "

@@ -171,6 +171,14 @@ def test_disk_img_and_files(ext4: tuple[Path, Path, dict[str, str]], tmp_path: P
         (full / "x").mkdir(parents=True)
         r = ic("mount", f"{repo}::default", full)
         assert r.returncode == 13 and error_lines(r.stderr) == [f"imagechain: error: mount point {full} is not empty"]
+        inside = repo / "mnt"  # what a mount shows there would be read as part of the repository
+        inside.mkdir()
+        for how in ((), ("--foreground",)):
+            r = ic("mount", f"{repo}::default", inside, *how)
+            assert r.returncode == 13 and error_lines(r.stderr) == [
+                f"imagechain: error: mount point {inside} is inside the repository being read ({repo}): what it "
+                f"shows would be read as part of it; mount it elsewhere"], r.stderr  # fmt: skip
+        inside.rmdir()
         rec = state.load(str(mnt))
         assert rec is not None and len(rec.loops) == 1 and [m.kind for m in rec.mounts] == ["ext4"]
         r = ic("umount", mnt)

@@ -122,11 +122,12 @@ def _background(point: str, mountpoint: str, with_files: bool, allow_other: bool
     from ..address import open_point
     from ..cli import _keyring
     from ..crypto import SLOT_PASSPHRASE, slot_kind, slots
-    from .session import check_mountpoint, spawn
+    from .session import check_mountpoint, check_outside, spawn
 
     _need_fuse()
     real = check_mountpoint(mountpoint)
     res = open_point(point)
+    check_outside(res, real)
     ring = _keyring(passphrase_file, identity)
     secret = None
     lineage = res.catalog.lineage(res.point)
@@ -154,7 +155,7 @@ def _foreground(point: str, mountpoint: str, with_files: bool, allow_other: bool
     from ..address import open_point
     from ..cli import _keyring
     from ..view import PointView
-    from .session import Ready, Session, check_mountpoint, new_record, plan
+    from .session import Ready, Session, check_mountpoint, check_outside, new_record, plan
 
     ready = Ready(ready_fd)
 
@@ -166,6 +167,7 @@ def _foreground(point: str, mountpoint: str, with_files: bool, allow_other: bool
         _need_fuse()
         real = check_mountpoint(mountpoint)
         res = open_point(point)
+        check_outside(res, real)
         ring = _keyring(passphrase_file, identity, ask=ready_fd is None)  # a background child has no terminal
         with PointView(res.repo, res.point, cat=res.catalog, keyring=ring) as view:
             header = res.point.header

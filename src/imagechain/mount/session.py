@@ -120,6 +120,14 @@ def check_mountpoint(path: str) -> str:
     return real
 
 
+def check_outside(res: Resolved, mountpoint: str) -> None:
+    """A repository is every file below its folder: a mount inside it would have the point's files (every
+    file of its filesystems, and any image files among them) read as part of it."""
+    if res.repo.holds(mountpoint):
+        raise MountError(f"mount point {mountpoint} is inside the repository being read ({res.repo.display}): "
+                         f"what it shows would be read as part of it; mount it elsewhere")  # fmt: skip
+
+
 KINDS_TEXT = "ext2/3/4, XFS, NTFS, FAT and exFAT"
 
 

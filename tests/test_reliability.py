@@ -856,6 +856,39 @@ def test_full_disk(tmp_path: Path, small_vol: tuple[Path, bytes]) -> None:
         assert_portable(repo)
 
 
+def test_a_full_disk_never_damages_what_is_there(tmp_path: Path) -> None:
+    """consolidate and prune in a full repository, replicate, restore and export onto a full disk: exit 10
+    with one line, nothing left behind, the space given back, and every point still verifies and restores
+    bit for bit (what replicate copied before the disk filled too)."""
+    vol, data, volumes = tmp_path / "vol.img", bytearray(random.Random(8).randbytes(4 << 20)), []
+    with tmpfs(tmp_path / "usb", "size=16m") as usb:
+        repo = usb / "repo"
+        for i in range(3):
+            data[i << 20 : (i + 1) << 20] = random.Random(9 + i).randbytes(1 << 20)
+            vol.write_bytes(data)
+            ic_ok("backup", vol, repo, "--compression", "none", *(["--init"] if i == 0 else []))
+            volumes.append(bytes(data))
+        st = os.statvfs(usb)
+        (usb / "filler").write_bytes(bytes(st.f_bavail * st.f_frsize - (2 << 20)))  # 2 MiB left: < one point
+        before, free = files_in(repo), os.statvfs(usb).f_bavail
+        one_line_error(ic("consolidate", f"{repo}::default@2"), 10)  # a 4 MiB synthetic full
+        one_line_error(ic("prune", repo, "--keep-last", "1"), 10)
+        assert files_in(repo) == before and os.statvfs(usb).f_bavail == free
+        with tmpfs(tmp_path / "small", "size=5m") as small:
+            one_line_error(ic("replicate", repo, small / "copy", "--init"), 10)
+            copied = json.loads(ic_ok("list", small / "copy", "--json").stdout)["chains"]
+            assert len(copied) == 1 and 1 <= len(copied[0]) < 3, copied
+            assert "0 problem(s)" in ic_ok("verify", small / "copy").stdout
+            one_line_error(ic("restore", f"{repo}::default", small / "out.img"), 10)
+            if shutil.which("qemu-img"):
+                one_line_error(ic("export", f"{repo}::default", small / "out.qcow2", "--format", "qcow2"), 10)
+            assert sorted(os.listdir(small)) == ["copy"]
+        assert "3 point(s) checked, 0 problem(s)" in ic_ok("verify", repo).stdout
+        for i, v in enumerate(volumes):
+            ic_ok("restore", f"{repo}::default@{i}", tmp_path / "out.img", "--force")
+            assert (tmp_path / "out.img").read_bytes() == v
+
+
 @pytest.mark.parametrize("args", [["--block-size", "3000"], ["--block-size", "2K"], ["--block-size", "32M"],
                                   ["--block-size", "0"], ["--block-size", "lots"], ["--split-size", "100K"],
                                   ["--compression", "gzip"], ["--compression", "zstd:99"]])  # fmt: skip

@@ -98,6 +98,14 @@ def test_passphrase_chain_through_the_cli(tmp_path: Path, repo: Path) -> None:
     assert ver.returncode == 0 and "structure, links and checksums only" in ver.stdout
     ver = ic("verify", repo, env=pw)
     assert ver.returncode == 0 and "blocks checked" in ver.stdout and "only" not in ver.stdout
+    # a wrong key given does not pass for a full check: what could be checked is, then one line, exit 11
+    ver = ic("verify", repo, env={"IMAGECHAIN_PASSPHRASE": "wrong"})
+    assert ver.returncode == 11 and "0 problem(s)" in ver.stdout, ver.stderr
+    assert error_lines(ver.stderr) == ["imagechain: error: the passphrase given opens none of the 1 encrypted "
+                                       "chain(s) checked: their payloads were not checked (what could be checked "
+                                       "without it is sound)"]  # fmt: skip
+    ver = ic("verify", repo, "--json", env={"IMAGECHAIN_PASSPHRASE": "wrong"})
+    assert ver.returncode == 11 and json.loads(ver.stdout)["opened_none"].startswith("the passphrase given")
 
 
 def test_files_copied_alone_restore_with_the_passphrase_only(tmp_path: Path, repo: Path) -> None:

@@ -601,6 +601,10 @@ def verify(target: str, passphrase_file: str | None, identity: str | None, as_js
         click.echo(f"{len(report.points)} point(s) checked, {bad} problem(s)")
     if not report.ok:
         sys.exit(IntegrityError.exit_code)
+    if report.opened_none:  # a wrong key file or variable must not pass for a full check
+        if as_json:  # said in the report (opened_none)
+            sys.exit(CredentialsError.exit_code)
+        raise CredentialsError(f"{report.opened_none} (what could be checked without it is sound)")
 
 
 @main.group()

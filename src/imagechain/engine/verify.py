@@ -40,6 +40,7 @@ class VerifyReport:
     incomplete: list[str] = field(default_factory=list)  # files that are not (whole, sound) points
     leftovers: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # forks, ignored copies, misnamed segments
+    opened_none: str = ""  # the passphrase or identity given opened no encrypted chain checked: why
 
     @property
     def ok(self) -> bool:
@@ -52,6 +53,7 @@ class VerifyReport:
             "incomplete": self.incomplete,
             "leftovers": self.leftovers,
             "notices": self.notices,
+            "opened_none": self.opened_none,
         }
 
 
@@ -91,7 +93,14 @@ def verify(repo: Repository, only: PointFiles | None = None, *, threads: int | N
         except ImagechainError:
             targets = cat.ancestry(only)  # the broken link is reported by the map proof
     report.notices += fork_notices(cat, targets)
-    report.notices += _unlock(keyring or Keyring(), targets)
+    ring = keyring or Keyring()
+    less = _unlock(ring, targets)
+    report.notices += [f"encrypted chain {cid.hex[:8]}: {what}" for cid, what in less.items()]
+    encrypted = {p.header.chain_id for p in targets if p.header.encrypted}
+    if ring.given and encrypted and set(less) == encrypted:
+        report.opened_none = (f"the {'identity' if ring.identity is not None else 'passphrase'} given opens "
+                              f"none of the {len(encrypted)} encrypted chain(s) checked: their payloads were "
+                              f"not checked")  # fmt: skip
     maps = _prove_maps(repo, cat, targets)
     progress.start("verify", max(1, sum(p.footer.index_offset for p in targets)))  # ~ payload bytes
     try:
@@ -189,8 +198,9 @@ def _prove_maps(repo: Repository, cat: Catalog, targets: list[PointFiles]) -> di
     return out
 
 
-def _unlock(ring: Keyring, targets: list[PointFiles]) -> list[str]:
-    """Attach what keys there are to encrypted points; a notice for each chain checked less than fully."""
+def _unlock(ring: Keyring, targets: list[PointFiles]) -> dict[uuid.UUID, str]:
+    """Attach what keys there are to encrypted points; what was not checked of each chain checked less than
+    fully."""
     less: dict[uuid.UUID, str] = {}
     for p in targets:
         if not p.header.encrypted:
@@ -205,7 +215,7 @@ def _unlock(ring: Keyring, targets: list[PointFiles]) -> list[str]:
             less.setdefault(p.header.chain_id, f"payloads not checked (only the chain's digest key is here; {why})")
         except CredentialsError:
             less.setdefault(p.header.chain_id, f"structure, links and checksums only ({why})")
-    return [f"encrypted chain {cid.hex[:8]}: {what}" for cid, what in less.items()]
+    return less
 
 
 def verify_point(repo: Repository, p: PointFiles, threads: int, progress: Progress) -> PointReport:

@@ -23,6 +23,7 @@ test: system-deps $(VENV)/.installed
 check: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy src/imagechain
+	$(VENV)/bin/mypy bench
 
 demo: system-deps $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh

@@ -103,6 +103,11 @@ def same(a: Path, b: Path) -> bool:
     return True
 
 
+def _n(v: object) -> int:
+    assert isinstance(v, int), v
+    return v
+
+
 def run(exe: str, apparent: int, data: int, work: Path, seed: int) -> dict[str, object]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -145,10 +150,10 @@ def main() -> None:
         for k in ("full", "incremental", "verify", "restore"):
             s = r[k]
             assert isinstance(s, dict)
-            print(f"| {r['apparent'] / (1 << 40):.0f} TiB | {r['data'] / GiB:.0f} GiB | {k} | {s['wall_s']} s "
-                  f"| {s['peak_rss_mib']} MiB |")
-        print(f"| | | restored bit-exact: {r['restored_bit_exact']}, stored {r['stored_bytes'] / MiB:.0f} MiB, "
-              f"map cache {r['cache_bytes'] / MiB:.0f} MiB | | |")
+            print(f"| {_n(r['apparent']) / (1 << 40):.0f} TiB | {_n(r['data']) / GiB:.0f} GiB | {k} | "
+                  f"{s['wall_s']} s | {s['peak_rss_mib']} MiB |")
+        print(f"| | | restored bit-exact: {r['restored_bit_exact']}, stored {_n(r['stored_bytes']) / MiB:.0f} MiB, "
+              f"map cache {_n(r['cache_bytes']) / MiB:.0f} MiB | | |")
     (HERE / "scale-results.json").write_text(json.dumps(results, indent=1))
 
 

@@ -60,7 +60,7 @@ def write_volume(path: Path, size: int, seed: int = 0, zero_fraction: float = 0.
     out = bytearray(size)
     pos = 0
     while pos < size:
-        n = int(min(size - pos, rng.integers(1, 300_000)))
+        n = min(size - pos, int(rng.integers(1, 300_000)))
         r = rng.random()
         if r < zero_fraction:
             pass

@@ -84,7 +84,7 @@ def _children() -> dict[int, list[int]]:
 
 def descendants(pid: int) -> list[list[int]]:
     """pid's descendants, level by level (children, grandchildren...)."""
-    tree, levels, level = _children(), [], [pid]
+    tree, levels, level = _children(), list[list[int]](), [pid]
     while True:
         level = [c for p in level for c in tree.get(p, [])]
         if not level:

@@ -242,7 +242,9 @@ def _publish(stage: str, dest: str, force: bool, owners: bool, whole: bool) -> N
         if whole and owners:  # the filesystem's root: its owner, mode and times go to dest, as cp gives them
             _copy_meta(stage, root, dest, owners)
     except OSError as e:
-        raise TargetError(f"cannot move the finished copy into {dest}: {e}; some of it may be there") from e
+        name = (e.filename2 or e.filename or dest).replace(stage, dest)
+        raise TargetError(f"cannot move the finished copy into {dest} ({name}): {e.strerror or e}; some of it may "
+                          f"be there") from e  # fmt: skip
 
 
 def _merge(src: str, dst: str, owners: bool) -> None:

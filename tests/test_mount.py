@@ -470,8 +470,8 @@ def drop_caches() -> None:
 
 @pytest.mark.parametrize("kind", ["fat32", "exfat"])
 def test_restore_files_onto_fat(ext4: tuple[Path, Path, dict[str, str]], tmp_path: Path, kind: str) -> None:
-    """FAT and exFAT hold no owners, modes or hard links: files and folders are copied without them (and
-    with their times), not failed for them. A symlink cannot be held there: nothing is copied."""
+    """FAT and exFAT hold no owners, modes, links or xattrs: files and folders are copied without them (with
+    their times), not failed for them; symlinks are left out, with a notice. A full stick keeps nothing."""
     _, repo, files = ext4
     img = make_fs(tmp_path, kind)
     with mounted_fs(img, kind, tmp_path / "m") as m:
@@ -485,11 +485,31 @@ def test_restore_files_onto_fat(ext4: tuple[Path, Path, dict[str, str]], tmp_pat
         os.sync()
         drop_caches()  # what the driver keeps, not what the kernel remembers it was told
         assert (dest / "data.txt").stat().st_mtime_ns // 10**9 in (MTIME_NS // 10**9, MTIME_NS // 10**9 - 1)
+        # a symlink cannot be held there: left out, said, and the rest copied
         r = ic("restore-files", f"{repo}::default", "keep", dest / "with-link")
-        assert r.returncode == 8, r.stderr
+        assert r.returncode == 0, r.stderr
+        fs = "vfat" if kind == "fat32" else kind
+        assert [ln for ln in r.stderr.splitlines() if ln.startswith("notice:")] == [
+            f"notice: 1 symbolic link(s) or special file(s) not copied: {fs} cannot hold them (/keep/link)"]
+        assert sorted(str(p.relative_to(dest / "with-link")) for p in (dest / "with-link").rglob("*")) == [
+            "keep", "keep/data.txt", "keep/sub", "keep/sub/deep.txt"]  # fmt: skip
+        assert staged(dest) == [] and staged(dest / "with-link") == []
+        # a full stick: nothing is left of the copy
+        (m / "filler").mkdir()
+        with contextlib.suppress(OSError):  # (fusefat's statfs says nothing useful: fill it until it is full)
+            for i in range(1000):
+                (m / "filler" / str(i)).write_bytes(bytes(1 << 20))
+        (m / "filler" / "0").unlink()  # about 1 MiB free, for a copy of more
+        r = ic("restore-files", f"{repo}::default", "data", dest / "full")
         (line,) = error_lines(r.stderr)
-        assert "cannot create symbolic link" in line and line.endswith("; nothing was copied"), line
-        assert not (dest / "with-link").exists() and staged(dest) == []
+        assert line.startswith(f"imagechain: error: copying to {dest}/full failed: /data/"), line
+        if kind == "fat32":  # fusefat answers a full disk with EPERM
+            assert r.returncode == 8 and line.endswith(
+                ": Operation not permitted (fusefat says so for a full disk too); nothing was copied"), line
+        else:
+            assert r.returncode == 10 and line.endswith(": No space left on device; nothing was copied"), line
+        assert not (dest / "full").exists()
+        shutil.rmtree(m / "filler")
     check_fs(img, kind)
 
 

@@ -138,19 +138,33 @@ def copy_out(root: str, sources: list[tuple[str, str]], dest: str, force: bool,
     try:
         count, args, whole = _survey(sources, dest, force)
         kind = filesystem_of(dest)
-        keep = ["-R", "--no-dereference", "--preserve=timestamps"] if kind in NO_OWNERS else ["-a", "--preserve=all"]
         for left, n in pending.sweep(os.path.join(dest, STAGING), folders=True):
             notice(f"removed {left} ({human(n)}), left by a restore-files that did not finish")
         try:
             fd, stage = pending.create(os.path.join(dest, STAGING), folder=True)
         except OSError as e:
             raise TargetError(f"cannot write into {dest}: {e.strerror or e}") from e
-        # the lock goes to cp too: a copy that outlives a killed imagechain keeps its folder from the sweep
-        proc = subprocess.Popen(["cp", *keep, "--", *args, stage + "/"], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(fd,))  # fmt: skip
-        _, err = proc.communicate()
-        if proc.returncode:
-            raise _failed(err, proc.returncode, root, stage, dest)
+        if kind in NO_OWNERS:
+            try:
+                skipped = _copy_data(args, stage)
+            except OSError as e:
+                said = _said(e, root, stage, dest)
+                if kind == "vfat" and e.errno == errno.EPERM:
+                    said[-1] += " (fusefat says so for a full disk too)"
+                raise _failed(said, dest) from e
+            if skipped:
+                shown = ", ".join("/" + os.path.relpath(p, root) for p in skipped[:3])
+                notice(f"{len(skipped)} symbolic link(s) or special file(s) not copied: {kind} cannot hold them "
+                       f"({shown}{', ...' if len(skipped) > 3 else ''})")  # fmt: skip
+        else:
+            # the lock goes to cp too: a copy that outlives a killed imagechain keeps its folder from the sweep
+            proc = subprocess.Popen(["cp", "-a", "--preserve=all", "--", *args, stage + "/"], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(fd,))  # fmt: skip
+            _, err = proc.communicate()
+            if proc.returncode:
+                lines = [_shown(ln, root, stage, dest) for ln in err.decode("utf-8", "replace").splitlines()
+                         if ln.strip()]  # fmt: skip
+                raise _failed(lines or [f"cp exited with code {proc.returncode}"], dest)
         with deferred():  # the moves are quick: a stop waits for them
             _publish(stage, dest, force, kind not in NO_OWNERS, whole)
             done = True
@@ -194,17 +208,57 @@ def _survey(sources: list[tuple[str, str]], dest: str, force: bool) -> tuple[Cop
     return count, args, whole_any
 
 
-def _failed(err: bytes, code: int, root: str, stage: str, dest: str) -> ImagechainError:
-    # paths as they are in the point and in dest, not under the private mount or the staging folder
-    lines = [ln.replace(root.rstrip("/") + "/", "/").replace(stage + "/", dest.rstrip("/") + "/")
-             for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]  # fmt: skip
-    why = lines[-1] if lines else f"cp exited with code {code}"
+def _shown(text: str, root: str, stage: str, dest: str) -> str:
+    """Paths as they are in the point and in dest, not under the private mount or the staging folder."""
+    return text.replace(root.rstrip("/") + "/", "/").replace(stage + "/", dest.rstrip("/") + "/")
+
+
+def _said(e: OSError, root: str, stage: str, dest: str) -> list[str]:
+    where = e.filename if isinstance(e.filename, str) else ""
+    return [_shown(f"{where}: {e.strerror or e}" if where else str(e.strerror or e), root, stage, dest)]
+
+
+def _failed(lines: list[str], dest: str) -> ImagechainError:
+    """The copy's error (the last of its lines); nothing of it was published."""
+    why = lines[-1]
     if any("Input/output error" in ln for ln in lines):
         return IntegrityError(f"copying to {dest} failed: {why} (a block of the point is corrupt: see above); "
                               f"nothing was copied")  # fmt: skip
     if any("No space left on device" in ln or "Disk quota exceeded" in ln for ln in lines):
         return NoSpaceError(f"copying to {dest} failed: {why}; nothing was copied")
     return TargetError(f"copying to {dest} failed: {why}; nothing was copied")
+
+
+def _copy_data(args: list[str], stage: str) -> list[str]:
+    """Onto FAT and exFAT, which hold no owners, modes, links or xattrs: each file's bytes and times, each
+    folder's times. What they cannot hold at all (symlinks, FIFOs, devices, sockets) is left out: returned."""
+    left: list[str] = []
+    for a in args:
+        if a.endswith("/."):  # a filesystem's root: its content
+            for name in sorted(os.listdir(a[:-2])):
+                _copy_one(os.path.join(a[:-2], name), os.path.join(stage, name), left)
+        else:
+            _copy_one(a, os.path.join(stage, os.path.basename(a)), left)
+    return left
+
+
+def _copy_one(src: str, dst: str, left: list[str]) -> None:
+    st = os.lstat(src)
+    if stat.S_ISDIR(st.st_mode):
+        os.mkdir(dst)
+        for name in sorted(os.listdir(src)):
+            _copy_one(os.path.join(src, name), os.path.join(dst, name), left)
+    elif stat.S_ISREG(st.st_mode):
+        try:
+            shutil.copyfile(src, dst, follow_symlinks=False)
+        except OSError as e:
+            if not e.filename:  # the plain read/write copy names no file
+                e.filename = src
+            raise
+    else:
+        left.append(src)
+        return
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _no_folder_in_the_way(src: str, target: str, device: int) -> None:

@@ -153,6 +153,7 @@ def copy_out(root: str, sources: list[tuple[str, str]], dest: str, force: bool,
                     said[-1] += " (fusefat says so for a full disk too)"
                 raise _failed(said, dest) from e
             if skipped:
+                count.files -= len(skipped)  # what was copied: the summary line says so
                 shown = ", ".join("/" + os.path.relpath(p, root) for p in skipped[:3])
                 notice(f"{len(skipped)} symbolic link(s) or special file(s) not copied: {kind} cannot hold them "
                        f"({shown}{', ...' if len(skipped) > 3 else ''})")  # fmt: skip

@@ -123,6 +123,7 @@ def copy_out(root: str, sources: list[tuple[str, str]], dest: str, force: bool,
     """Copy each source ((the path as the user gave it, its real path under `root`, a mounted filesystem)) into
     the folder `dest`, with owner, mode, times, ACLs and extended attributes (`cp -a --preserve=all`; failures
     to keep xattrs or a security context where `dest` cannot hold them are not errors), symlinks as symlinks.
+    Onto FAT and exFAT, bytes and times only, copied here (_copy_data).
 
     All or nothing: the copy goes to a locked folder in `dest` first, and its files are moved to their names
     only once every one of them is there. A failed or stopped copy leaves no part-written file, and an

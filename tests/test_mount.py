@@ -374,7 +374,7 @@ def test_restore_files_stopped_or_killed(ext4: tuple[Path, Path, dict[str, str]]
 def test_restore_files_is_all_or_nothing(ext4: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
     """A copy that fails half-way (its filesystem fills up) or finds a name taken when it is done leaves
     DEST as it was: no part-written file, and files --force would replace keep their content. --force
-    replaces a file in one step (never writing into it: its other hard links keep the old content), merges
+    replaces a file in one step (a whole new file renamed over it: cp truncated it and wrote into it), merges
     folders, and never replaces a folder with a file."""
     _, repo, files = ext4
     need_tool("mount")
@@ -411,7 +411,6 @@ def test_restore_files_is_all_or_nothing(ext4: tuple[Path, Path, dict[str, str]]
     dest = tmp_path / "out"
     (dest / "keep").mkdir(parents=True)
     (dest / "keep" / "data.txt").write_bytes(b"old\n")
-    os.link(dest / "keep" / "data.txt", tmp_path / "other-link")
     (dest / "keep" / "mine.txt").write_bytes(b"mine\n")
     # a name taken while the copy ran: found when it is done, before anything is moved
     proc, _ = stalled_restore_files(tmp_path, repo, dest, "docs", then=f'echo late > "{dest}/docs"')
@@ -445,10 +444,12 @@ def test_restore_files_is_all_or_nothing(ext4: tuple[Path, Path, dict[str, str]]
         subprocess.run(["umount", str(dest / "keep" / "sub")], check=True)
     (dest / "keep" / "sub").rmdir()
     # done: the file replaced whole, the folder merged and given the point's owner, mode and times
+    old = (dest / "keep" / "data.txt").stat()
+    assert old.st_nlink == 1  # cp wrote into such a file in place
     r = ic("restore-files", f"{repo}::default", "keep", dest, "--force")
     assert r.returncode == 0, r.stderr
     assert (dest / "keep" / "data.txt").read_bytes() == b"kept with its metadata\n"
-    assert (tmp_path / "other-link").read_bytes() == b"old\n"
+    assert (dest / "keep" / "data.txt").stat().st_ino != old.st_ino
     assert (dest / "keep" / "mine.txt").read_bytes() == b"mine\n"
     assert sha256_file(dest / "keep" / "sub" / "deep.txt") == files["keep/sub/deep.txt"]
     assert os.readlink(dest / "keep" / "link") == "data.txt"

@@ -26,7 +26,7 @@ from ..fsprobe import PROBE_BYTES, probe
 from ..interrupts import Stopped, deferred
 from ..keyring import Keyring
 from ..view import PointView
-from . import files, state, system
+from . import copyout, files, state, system
 from .fuse import Image, PointFS, Server
 from .state import Inner, Record
 
@@ -326,7 +326,7 @@ class Restored:
     point_id: str
     partition: int | None
     kind: str
-    copied: files.Copied
+    copied: copyout.Copied
 
 
 def restore_files(res: Resolved, keyring: Keyring, paths: list[str], dest: str, partition: int | None,
@@ -355,7 +355,7 @@ def restore_files(res: Resolved, keyring: Keyring, paths: list[str], dest: str, 
             root = os.path.join(tmp, fs.folder)
             sources = [(path, files.resolve_inside(root, path)) for path in paths]
             copying = True  # from here copy_out says what a stop left
-            copied = files.copy_out(root, sources, dest, force, notice)
+            copied = copyout.copy_out(root, sources, dest, force, notice)
         except Stopped as stop:
             stop.what = f"the private mount was taken down; {stop.what if copying else f'nothing was copied to {dest}'}"
             raise

@@ -106,7 +106,7 @@ def test_publish_never_replaces_a_file_that_took_the_name(tmp_path: Path, monkey
                                                          links: bool, noreplace: bool) -> None:  # fmt: skip
     """By hard link, by a rename that refuses to replace, or (FUSE FAT: neither) by a rename after a check."""
     if not links:
-        def no_link(src: str, dst: str) -> None:
+        def no_link(src: str, dst: str, **_how: object) -> None:
             raise OSError(errno.EPERM, "no hard links here")
 
         monkeypatch.setattr(pending.os, "link", no_link)
@@ -123,6 +123,14 @@ def test_publish_never_replaces_a_file_that_took_the_name(tmp_path: Path, monkey
     final.unlink()
     pending.publish(tmp, str(final))
     assert final.read_bytes() == b"restored" and not os.path.exists(tmp)
+
+
+def test_a_symlink_is_published_as_a_symlink(tmp_path: Path) -> None:
+    """restore-files moves the symlinks of its copy into place too: never as the file they point to."""
+    (tmp_path / "target.txt").write_text("x")
+    os.symlink("target.txt", tmp_path / "staged")
+    pending.publish(str(tmp_path / "staged"), str(tmp_path / "link"))
+    assert os.readlink(tmp_path / "link") == "target.txt" and not os.path.lexists(tmp_path / "staged")
 
 
 def test_under_dev_a_missing_name_is_a_device_not_attached() -> None:

@@ -115,11 +115,11 @@ def _tree_bytes(folder: str) -> int:
 
 
 def publish(tmp: str, final: str) -> None:
-    """Give a finished temporary its final name, never over a file that took that name meanwhile
+    """Give a finished temporary (a file or a symlink) its final name, never over a file that took that name meanwhile
     (FileExistsError). A hard link where the filesystem has them, else a rename that refuses to replace;
     the FUSE FAT drivers offer neither, and there the name is checked free just before a plain rename."""
     try:
-        os.link(tmp, final)
+        os.link(tmp, final, follow_symlinks=False)  # a symlink stays one (restore-files moves them too)
         os.unlink(tmp)
         return
     except FileExistsError:

@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import libc, pending
+from .. import pending
 from ..errors import ImagechainError, IntegrityError, NoSpaceError, TargetError, UsageError
 from ..interrupts import Stopped, deferred
 from ..sizes import human
@@ -119,8 +119,9 @@ def _survey(sources: list[tuple[str, str]], dest: str, force: bool) -> tuple[Cop
             pairs.append((os.path.join(src, name) if whole else src, os.path.join(dest, name)))
         args.append(src + "/." if whole else src)
         _count(src, count)
+    device = os.stat(dest).st_dev
     for s, t in pairs:
-        _no_folder_in_the_way(s, t, os.stat(dest).st_dev)
+        _no_folder_in_the_way(s, t, device)
     return count, args, whole_any
 
 
@@ -204,8 +205,9 @@ def _publish(stage: str, dest: str, force: bool, owners: bool, whole: bool) -> N
         for name in os.listdir(stage):
             if os.path.lexists(os.path.join(dest, name)):
                 raise TargetError(f"{os.path.join(dest, name)} appeared while copying; nothing was copied")
+    device = os.stat(dest).st_dev
     for name in os.listdir(stage):
-        _no_folder_in_the_way(os.path.join(stage, name), os.path.join(dest, name), os.stat(dest).st_dev)
+        _no_folder_in_the_way(os.path.join(stage, name), os.path.join(dest, name), device)
     root = os.lstat(stage)
     try:
         _merge(stage, dest, owners)
@@ -228,10 +230,8 @@ def _merge(src: str, dst: str, owners: bool) -> None:
         if not stat.S_ISDIR(st.st_mode):
             if there is not None:
                 os.rename(s, t)  # --force: the file (or link) there is replaced whole, in one step
-            elif not libc.rename_noreplace(s, t):
-                if os.path.lexists(t):
-                    raise FileExistsError(errno.EEXIST, "appeared while copying", t)
-                os.rename(s, t)
+            else:
+                pending.publish(s, t)  # never over a name taken meanwhile
             if not owners:  # fusefat gives a file it renames the time of the rename
                 os.utime(t, ns=(st.st_atime_ns, st.st_mtime_ns))
             continue

@@ -122,14 +122,10 @@ def _refuse_nesting(path: str) -> None:
     around one) would have its points listed, pruned and consolidated by the other too, under another
     folder of locks."""
     real = os.path.realpath(path)
-    up = os.path.dirname(real)
-    while True:
-        if os.path.isfile(os.path.join(up, MARKER)):
-            raise RepositoryError(f"{path} lies inside the repository {up}: a repository inside another would be "
-                                  f"read as part of it; use {up} itself, or a folder outside it")  # fmt: skip
-        if os.path.dirname(up) == up:
-            break
-        up = os.path.dirname(up)
+    up = find_root(real)  # the nearest folder above with the marker (else real's own folder)
+    if os.path.isfile(os.path.join(up, MARKER)):
+        raise RepositoryError(f"{path} lies inside the repository {up}: a repository inside another would be "
+                              f"read as part of it; use {up} itself, or a folder outside it")  # fmt: skip
 
     def fail(e: OSError) -> None:
         if isinstance(e, FileNotFoundError):

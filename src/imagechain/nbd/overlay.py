@@ -118,15 +118,12 @@ class Overlay:
             elif st.st_size > base.size:
                 raise UsageError(f"overlay data file {path} is larger than the volume ({st.st_size} bytes)")
             return cls(path, base, point_id, fd, rfd, bits, created)
-        except OSError as e:
+        except BaseException as e:
             if fd >= 0:
                 os.close(fd)
             os.close(rfd)
-            raise TargetError(f"cannot {'create' if created else 'open'} overlay {path}: {e.strerror or e}") from e
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            os.close(rfd)
+            if isinstance(e, OSError):
+                raise TargetError(f"cannot {'create' if created else 'open'} overlay {path}: {e.strerror or e}") from e
             raise
 
     # -- the bitmap

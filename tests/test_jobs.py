@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -151,7 +152,7 @@ def test_schedules() -> None:
                                     "weekly friday 23:59", "monthly 1 04:00", "*/10 * * * *")] == [
         "0 * * * *", "15 * * * *", "0 0 * * *", "30 2 * * *", "0 3 * * 0", "59 23 * * 5", "0 4 1 * *",
         "*/10 * * * *"]  # fmt: skip
-    nxt = parse("weekly sun 03:00").next_after(datetime.fromisoformat("2026-11-27T12:00").astimezone())
+    nxt = datetime.fromtimestamp(parse("weekly sun 03:00").next_after(datetime(2026, 11, 27, 12).timestamp()))
     assert (nxt.weekday(), nxt.hour, nxt.day) == (6, 3, 29)
     for bad in ("weekly xyz 03:00", "monthly 31 01:00", "every day", "1 2 3", "@often"):
         with pytest.raises(ValueError):
@@ -161,6 +162,47 @@ def test_schedules() -> None:
         "0 * * * *", "0 0 * * *", "0 0 * * *", "0 0 * * 0", "0 0 1 * *", "0 0 1 1 *"]  # fmt: skip
     with pytest.raises(ValueError, match="runs a job missed while it was down"):
         parse("@reboot")
+
+
+@pytest.fixture
+def berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time with daylight saving: Europe/Berlin (back on 2026-10-25 03:00 -> 02:00, forward on
+    2026-03-29 02:00 -> 03:00)."""
+    if not os.path.exists("/usr/share/zoneinfo/Europe/Berlin"):
+        pytest.skip("no time zone data (/usr/share/zoneinfo, Debian's tzdata) to set a zone with DST")
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _slots(schedule: str, start: datetime, n: int) -> list[str]:
+    """The next n slots after a local time, as local times with their offsets."""
+    out, t = [], start.timestamp()
+    for _ in range(n):
+        t = parse(schedule).next_after(t)
+        out.append(datetime.fromtimestamp(t).astimezone().isoformat(timespec="minutes"))
+    return out
+
+
+def test_schedules_follow_the_wall_clock_across_daylight_saving(berlin: None) -> None:
+    # clocks go back: once a day at 02:30 in summer time, then in winter time (the aware datetime croniter
+    # was given kept summer time's offset: 01:30 on the 26th and 02:30 again the same day)
+    assert _slots("daily 02:30", datetime(2026, 10, 24, 2, 30), 3) == [
+        "2026-10-25T02:30+02:00", "2026-10-26T02:30+01:00", "2026-10-27T02:30+01:00"]  # fmt: skip
+    # the doubled hour runs once, the first time
+    assert _slots("hourly", datetime(2026, 10, 25, 0, 30), 4) == [
+        "2026-10-25T01:00+02:00", "2026-10-25T02:00+02:00", "2026-10-25T03:00+01:00",
+        "2026-10-25T04:00+01:00"]  # fmt: skip
+    # started inside the second pass of the doubled hour: its 02:45 came an hour ago, so the next is 03:00
+    second_pass = datetime(2026, 10, 25, 2, 15, fold=1)
+    assert _slots("*/15 * * * *", second_pass, 2) == ["2026-10-25T03:00+01:00", "2026-10-25T03:15+01:00"]
+    # clocks go forward: the skipped 02:30 runs an hour later, then 02:30 again
+    assert _slots("daily 02:30", datetime(2026, 3, 28, 2, 30), 3) == [
+        "2026-03-29T03:30+02:00", "2026-03-30T02:30+02:00", "2026-03-31T02:30+02:00"]  # fmt: skip
+    assert _slots("weekly sun 01:30", datetime(2026, 3, 22, 12), 2) == [
+        "2026-03-29T01:30+01:00", "2026-04-05T01:30+02:00"]  # fmt: skip
 
 
 # -- the agent, on an injected clock ----------------------------------------------------------------------

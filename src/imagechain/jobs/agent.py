@@ -45,8 +45,8 @@ def next_slot(job: Job, history: History, now: float) -> float:
     now (a catch-up); a job that never ran on schedule waits for its first slot from now."""
     last = history.last_slot(job.name)
     if last is None:
-        return job.schedule.next_after(local(now)).timestamp()
-    return job.schedule.next_after(local(last)).timestamp()
+        return job.schedule.next_after(now)
+    return job.schedule.next_after(last)
 
 
 def job_command(config: Config, job: Job, slot: float) -> list[str]:
@@ -117,7 +117,7 @@ class Agent:
             if len(self.running) >= self.config.max_parallel:
                 break
             slot = self.next[job.name]
-            self.next[job.name] = job.schedule.next_after(local(max(slot, now))).timestamp()  # missed: once
+            self.next[job.name] = job.schedule.next_after(max(slot, now))  # missed: once
             try:
                 proc = subprocess.Popen(self.command(self.config, job, slot), stdin=subprocess.DEVNULL)
             except OSError as e:

@@ -1,8 +1,10 @@
 """When a job runs: a cron expression (croniter), or a friendly form that stands for one.
 
 Friendly forms: `hourly` (at :00), `hourly :MM`, `daily` (00:00), `daily HH:MM`, `weekly` (Sunday 00:00),
-`weekly DAY HH:MM` (DAY: mon..sun), `monthly` (the 1st, 00:00), `monthly D HH:MM`. Times are the
-machine's local time; croniter takes daylight-saving changes into account."""
+`weekly DAY HH:MM` (DAY: mon..sun), `monthly` (the 1st, 00:00), `monthly D HH:MM`. Times are read on the
+machine's local wall clock, as cron reads them: a daily job runs once a day at its hour in summer and in
+winter. A time the clock skips when it goes forward runs as much later as the clock jumped (02:30 at
+03:30); a time it passes twice when it goes back runs once, the first time."""
 
 from __future__ import annotations
 
@@ -22,15 +24,19 @@ class Schedule:
     text: str  # as written
     cron: str  # the cron expression it stands for
 
-    def next_after(self, moment: datetime) -> datetime:
-        """The first scheduled time strictly after moment (an aware datetime)."""
-        nxt: datetime = croniter(self.cron, moment).get_next(datetime)
-        return nxt
+    def next_after(self, ts: float) -> float:
+        """The first scheduled moment strictly after ts (seconds since the epoch).
 
-    def previous_before(self, moment: datetime) -> datetime:
-        """The last scheduled time at or before moment."""
-        prev: datetime = croniter(self.cron, moment).get_prev(datetime)
-        return prev
+        croniter is given the naive wall-clock time, never an aware one: with the fixed offset of
+        `astimezone()` it went on in summer time after the clocks went back (a daily 02:30 ran at 01:30 and
+        again at 02:30 the next day), and with a real zone it ran a daily job twice in the repeated hour."""
+        after = croniter(self.cron, datetime.fromtimestamp(ts))
+        while True:
+            # naive timestamp(): a skipped time maps past the jump, a repeated one to its first pass, which
+            # may lie before ts when ts is in the second pass (then the next slot is meant)
+            at = after.get_next(datetime).timestamp()
+            if at > ts:
+                return at
 
 
 # cron's own nicknames, as crontab(5) defines them

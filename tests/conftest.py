@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,30 @@ REPOS: list[Path] = []
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGECHAIN_CACHE", str(tmp_path / "_cache"))
     monkeypatch.setenv("IMAGECHAIN_MACHINE_ID", "test-machine-0")
+
+
+def use_zone(monkeypatch: pytest.MonkeyPatch, zone: str) -> Iterator[None]:
+    """Local time in this zone for the test (TZ, tzset), put back afterwards."""
+    if not os.path.exists(f"/usr/share/zoneinfo/{zone}"):
+        pytest.skip(f"no time zone data for {zone} (/usr/share/zoneinfo, Debian's tzdata)")
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.fixture
+def berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time with daylight saving: Europe/Berlin (back on 2026-10-25 03:00 -> 02:00, forward on
+    2026-03-29 02:00 -> 03:00; summer time is UTC+2)."""
+    yield from use_zone(monkeypatch, "Europe/Berlin")
+
+
+@pytest.fixture
+def utc_local(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time is UTC, whatever the machine's zone."""
+    yield from use_zone(monkeypatch, "UTC")
 
 
 def assert_portable(repo: Path) -> None:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -162,19 +161,6 @@ def test_schedules() -> None:
         "0 * * * *", "0 0 * * *", "0 0 * * *", "0 0 * * 0", "0 0 1 * *", "0 0 1 1 *"]  # fmt: skip
     with pytest.raises(ValueError, match="runs a job missed while it was down"):
         parse("@reboot")
-
-
-@pytest.fixture
-def berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Local time with daylight saving: Europe/Berlin (back on 2026-10-25 03:00 -> 02:00, forward on
-    2026-03-29 02:00 -> 03:00)."""
-    if not os.path.exists("/usr/share/zoneinfo/Europe/Berlin"):
-        pytest.skip("no time zone data (/usr/share/zoneinfo, Debian's tzdata) to set a zone with DST")
-    monkeypatch.setenv("TZ", "Europe/Berlin")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def _slots(schedule: str, start: datetime, n: int) -> list[str]:

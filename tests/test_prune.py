@@ -44,7 +44,7 @@ def chain_over_time(tmp_path: Path, repo: Path, hours: list[int]) -> dict[int, s
     return states
 
 
-def test_the_policy_keeps_the_newest_of_each_period(tmp_path: Path, repo: Path) -> None:
+def test_the_policy_keeps_the_newest_of_each_period(tmp_path: Path, repo: Path, utc_local: None) -> None:
     hours = [0, 1, 2, 26, 27, 50, 51, 52]  # three days
     chain_over_time(tmp_path, repo, hours)
     cat = Repository.open(str(repo)).catalog()
@@ -57,6 +57,37 @@ def test_the_policy_keeps_the_newest_of_each_period(tmp_path: Path, repo: Path) 
     assert sorted(seqs[i] for i in keep(lin, Policy(monthly=1))) == [7]  # the tip is kept anyway
     with pytest.raises(UsageError):
         Policy().check()
+
+
+def test_periods_are_of_the_local_clock(tmp_path: Path, repo: Path, berlin: None) -> None:
+    # 21:00, 23:00 and 01:00 UTC on the night to 2026-05-30 are 23:00 on the 29th, 01:00 and 03:00 on the 30th
+    # in Berlin (summer time): by the local days the newest of the 29th is the first point, by UTC's the second
+    chain_over_time(tmp_path, repo, [21, 23, 25])
+    cat = Repository.open(str(repo)).catalog()
+    (pts,) = cat.generations().values()
+    lin = cat.lineage(cat.tips(pts)[0])
+    seqs = {p.point_id.hex: p.header.sequence for p in lin}
+    assert sorted(seqs[i] for i in keep(lin, Policy(daily=2))) == [0, 2]
+
+
+def test_the_hour_the_clock_passes_twice_is_two_hours(tmp_path: Path, repo: Path, berlin: None) -> None:
+    # 2026-10-25 00:10 and 00:50 UTC are 02:10 and 02:50 summer time, 01:10 and 01:50 UTC 02:10 and 02:50
+    # winter time: the same wall-clock hour twice
+    start = 1_792_886_400  # 2026-10-25T00:00:00Z
+    vol = tmp_path / "vol.img"
+    data = bytearray(write_volume(vol, 4 * MiB, seed=12))
+    with pytest.MonkeyPatch.context() as mp:
+        for seq, minute in enumerate([10, 50, 70, 110]):
+            if seq:
+                data[seq * MiB : seq * MiB + 4096] = os.urandom(4096)
+                vol.write_bytes(data)
+            mp.setattr(backup_mod.time, "time_ns", lambda m=minute: (start + m * 60) * 10**9)
+            backup(str(vol), str(repo), cache_dir=None)
+    cat = Repository.open(str(repo)).catalog()
+    (pts,) = cat.generations().values()
+    lin = cat.lineage(cat.tips(pts)[0])
+    seqs = {p.point_id.hex: p.header.sequence for p in lin}
+    assert sorted(seqs[i] for i in keep(lin, Policy(hourly=2))) == [1, 3]
 
 
 def test_prune_merges_what_goes_and_every_kept_point_restores(tmp_path: Path, repo: Path) -> None:

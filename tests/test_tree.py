@@ -159,6 +159,23 @@ def test_time_selectors_are_utc_with_z() -> None:
                                                            .timestamp() * 1_000_000)  # fmt: skip
 
 
+def test_local_time_selectors_follow_the_wall_clock(berlin: None) -> None:
+    def limit(sel: str) -> str:
+        return datetime.fromtimestamp((_time_limit(sel) + 1) / 1e6).astimezone().isoformat()
+
+    # a date is a day of the wall clock: 25 hours when the clocks go back (the last hour was left out), 23
+    # when they go forward (the first hour of the next day was taken in)
+    assert limit("2026-10-25") == "2026-10-26T00:00:00+01:00"
+    assert limit("2026-03-29") == "2026-03-30T00:00:00+02:00"
+    assert limit("2026-11-24") == "2026-11-25T00:00:00+01:00"
+    # the hour the clock passes twice: both passes; a minute in it: up to its second pass
+    assert limit("2026-10-25T02") == "2026-10-25T03:00:00+01:00"
+    assert limit("2026-10-25T02:30") == "2026-10-25T02:31:00+01:00"
+    assert limit("2026-11-24T10:15:30") == "2026-11-24T10:15:31+01:00"
+    # UTC and offsets are not local time
+    assert limit("2026-10-25Z") == "2026-10-26T01:00:00+01:00"
+
+
 def test_clock_set_back_does_not_hide_a_newer_full_generation(tmp_path: Path, repo: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     vol = tmp_path / "vol.img"

@@ -12,7 +12,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from .chain import Catalog, newest_generation
 from .errors import AmbiguousPointError, IntegrityError, PointNotFoundError, RepositoryError, UsageError
@@ -233,7 +233,8 @@ def _pick(cat: Catalog, tip: PointFiles, sel: str, spec_: str, by_chain: bool = 
 def _time_limit(sel: str) -> int:
     """The last microsecond a time selector includes. A trailing Z means UTC, an offset means that zone,
     neither means local time; a date, hour, minute or second includes all of it, so a time copied from
-    `info` or `list` selects the point shown there."""
+    `info` or `list` selects the point shown there. A local date is a day of the wall clock, 23 or 25 hours
+    long when the clocks change; a local time the clock passed twice includes its second pass."""
     text = sel.strip()
     utc = text.endswith(("Z", "z"))
     body = text[:-1] if utc else text
@@ -247,7 +248,12 @@ def _time_limit(sel: str) -> int:
         if when.tzinfo is not None:
             raise UsageError(f"bad point selector {sel!r}: a zone offset and Z")
         when = when.replace(tzinfo=UTC)
-    elif when.tzinfo is None:
-        when = when.astimezone()  # local time, as the user reads their clock
-    extra = {10: 86_399_999_999, 13: 3_599_999_999, 16: 59_999_999, 19: 999_999}.get(len(bare), 0)
-    return int(when.astimezone(UTC).timestamp() * 1_000_000) + extra
+    # the first moment past what the selector names, by the clock it is written in
+    end = when + _SPANS.get(len(bare), timedelta(microseconds=1))
+    if end.tzinfo is None:  # local: the later of two passes (a time in a gap keeps the first reading)
+        end = max(end.replace(fold=0).astimezone(), end.replace(fold=1).astimezone())
+    return (end - _EPOCH) // timedelta(microseconds=1) - 1
+
+
+_SPANS = {10: timedelta(days=1), 13: timedelta(hours=1), 16: timedelta(minutes=1), 19: timedelta(seconds=1)}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 import numpy as np
 
@@ -24,8 +24,9 @@ from ..keyring import Keyring
 from ..repository import Repository
 from .consolidate import consolidate
 
+# of the local wall clock, as `list` shows the points' times; an hour the clock passes twice is two hours
 PERIODS: dict[str, Callable[[datetime], tuple[int, ...]]] = {
-    "hourly": lambda t: (t.year, t.month, t.day, t.hour),
+    "hourly": lambda t: (t.year, t.month, t.day, t.hour, t.fold),
     "daily": lambda t: (t.year, t.month, t.day),
     "weekly": lambda t: tuple(t.isocalendar()[:2]),
     "monthly": lambda t: (t.year, t.month),
@@ -60,7 +61,7 @@ def keep(points: list[PointFiles], policy: Policy) -> dict[str, str]:
         for p in newest_first:
             if len(seen) >= n:
                 break
-            key = period(datetime.fromtimestamp(p.header.created_us / 1e6, UTC))
+            key = period(datetime.fromtimestamp(p.header.created_us / 1e6))
             if key not in seen:
                 seen.append(key)
                 out.setdefault(p.point_id.hex, name)

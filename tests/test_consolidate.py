@@ -17,7 +17,7 @@ from imagechain.address import open_point
 from imagechain.engine.backup import backup
 from imagechain.engine.consolidate import consolidate
 from imagechain.engine.restore import restore
-from imagechain.errors import UsageError
+from imagechain.errors import ImagechainError, UsageError
 from imagechain.keyring import Keyring
 from imagechain.repository import Repository
 
@@ -103,18 +103,111 @@ def test_stopped_before_retiring_no_fork_and_a_rerun_finishes(tmp_path: Path, re
     import imagechain.engine.consolidate as mod
 
     states = make_chain(tmp_path, repo, 4, seed=3)
-    real = mod._retire
-    monkeypatch.setattr(mod, "_retire", lambda repo, cat, notices: [])
+    real = mod.retire_replaced
+    monkeypatch.setattr(mod, "retire_replaced", lambda *a, **k: ([], []))
     res = open_point(f"{repo}::default@2")
     consolidate(res.repo, res.point, cat=res.catalog)
     cat = Repository.open(str(repo)).catalog()
     assert len(cat.superseded) == 3  # the old files are still there, out of the tree
     assert restorable(tmp_path, repo, states) == {2, 3}
-    monkeypatch.setattr(mod, "_retire", real)
+    monkeypatch.setattr(mod, "retire_replaced", real)
     res = open_point(f"{repo}::default@2")
     r = consolidate(res.repo, res.point, cat=res.catalog)  # nothing more to merge: it only finishes the job
     assert len(r.retired_files) == 3 and any("retired" in n for n in r.notices)
     assert not Repository.open(str(repo)).catalog().superseded
+
+
+def flip_in_payloads(path: Path, span: int = 1) -> None:
+    """Invert `span` bytes from a third into the file (its payloads). One byte of a group's frame may fall
+    on a member no map entry uses any more: zstd frames carry no checksum, so only a span is sure to hit."""
+    data = bytearray(path.read_bytes())
+    at = len(data) // 3
+    data[at : at + span] = bytes(b ^ 0xFF for b in data[at : at + span])
+    path.write_bytes(data)
+
+
+def test_a_merged_point_that_does_not_verify_is_withdrawn(tmp_path: Path, repo: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """It stayed published and hid the intact points it was made from behind its damage, and the next
+    consolidation retired them; the error said they were kept."""
+    import imagechain.engine.consolidate as mod
+
+    states = make_chain(tmp_path, repo, 4, seed=5)
+    before = live_files(repo)
+    real = mod.verify
+
+    def damaged_on_disk(r: Repository, m: object, **kw: object) -> object:
+        flip_in_payloads(repo / m.segments[0].name)  # type: ignore[attr-defined]
+        return real(r, m, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mod, "verify", damaged_on_disk)
+    res = open_point(f"{repo}::default@2")
+    with pytest.raises(ImagechainError, match="withdrawn to retired/, and the points it was made from stand"):
+        consolidate(res.repo, res.point, cat=res.catalog)
+    assert live_files(repo) == before
+    assert restorable(tmp_path, repo, states) == {0, 1, 2, 3}
+    monkeypatch.setattr(mod, "verify", real)
+    res = open_point(f"{repo}::default@2")
+    consolidate(res.repo, res.point, cat=res.catalog)  # and merging again works
+    assert restorable(tmp_path, repo, states) == {2, 3}
+
+
+def test_a_stopped_consolidation_s_merged_point_is_verified_before_it_retires_anything(
+        tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Stopped between publishing the merged point and verifying it, with the point damaged: the next
+    consolidation of the chain verifies it before retiring what it replaced, withdraws it, and merges anew."""
+    import imagechain.engine.consolidate as mod
+
+    states = make_chain(tmp_path, repo, 4, seed=6)
+    real = mod.verify
+
+    def damaged_then_stopped(r: Repository, m: object, **kw: object) -> object:
+        flip_in_payloads(repo / m.segments[0].name)  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "verify", damaged_then_stopped)
+    res = open_point(f"{repo}::default@2")
+    with pytest.raises(KeyboardInterrupt):
+        consolidate(res.repo, res.point, cat=res.catalog)
+    assert len(Repository.open(str(repo)).catalog().superseded) == 3  # the merged point hides them
+    monkeypatch.setattr(mod, "verify", real)
+    res = open_point(f"{repo}::default@2")
+    r = consolidate(res.repo, res.point, cat=res.catalog)
+    assert any(n.startswith("withdrew point") and "does not verify" in n for n in r.notices), r.notices
+    assert r.kind == "full" and len(r.replaced) == 3
+    assert restorable(tmp_path, repo, states) == {2, 3}
+
+
+def test_a_consolidation_retires_only_its_own_chain_s_points(tmp_path: Path, repo: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Another chain's merged point may be published and not yet verified (its consolidation runs, under
+    its own lock, or was stopped): what it replaced is that consolidation's to retire, after verifying."""
+    import imagechain.engine.consolidate as mod
+
+    states = make_chain(tmp_path, repo, 3, seed=7)
+    vol = tmp_path / "vol.img"
+    for _ in range(3):
+        backup(str(vol), str(repo), chain="other", cache_dir=None)
+    real = mod.verify
+
+    def stopped(r: Repository, m: object, **kw: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "verify", stopped)
+    res = open_point(f"{repo}::other@latest")
+    with pytest.raises(KeyboardInterrupt):
+        consolidate(res.repo, res.point, cat=res.catalog)
+    monkeypatch.setattr(mod, "verify", real)
+    others = {p.name for p in Repository.open(str(repo)).catalog().superseded.values()}
+    assert len(others) == 3
+    res = open_point(f"{repo}::default@latest")
+    r = consolidate(res.repo, res.point, cat=res.catalog)
+    assert len(r.retired_files) == 3 and not others & set(r.retired_files)
+    assert others <= live_files(repo)  # still in place, out of the tree
+    res = open_point(f"{repo}::other@latest")
+    r = consolidate(res.repo, res.point, cat=res.catalog)  # its own consolidation verifies and retires them
+    assert set(r.retired_files) == others
+    assert hashlib.sha256(vol.read_bytes()).hexdigest() == states[2]
 
 
 def test_killed_at_any_moment_every_point_stays_restorable(tmp_path: Path) -> None:

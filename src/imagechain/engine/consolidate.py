@@ -25,7 +25,7 @@ from .. import interrupts
 from ..address import select
 from ..blockmap import BlockMap, block_count
 from ..chain import RETIRED, Catalog, MapStream, describe, merged_ids
-from ..errors import ImagechainError, UsageError
+from ..errors import ImagechainError, PointNotFoundError, UsageError
 from ..format import spec
 from ..format.reader import PointFiles
 from ..format.writer import ImageWriter
@@ -64,15 +64,7 @@ def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = No
     payloads were sealed with, in a key table only those open."""
     t0 = time.monotonic()
     cat = cat or repo.catalog()
-    lin = cat.lineage(point)
-    first = 0
-    if from_address:
-        start = select(cat, from_address, repo.display)
-        ids = [p.point_id for p in lin]
-        if start.point_id not in ids:
-            raise UsageError(f"--from {describe(start)} is not in the lineage of {describe(point)}")
-        first = ids.index(start.point_id)
-    run = lin[first:]
+    run, first = _run_of(repo, cat, point, from_address)
     ring = keyring or Keyring()
     h = point.header
     chain = str(h.metadata.get("chain", "default"))
@@ -86,7 +78,12 @@ def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = No
             cat = repo.catalog()  # a killed consolidation's merged point may have been published just now
             lin = cat.lineage(cat.resolve(point.point_id) or point)
             run = lin[first:] if first < len(lin) else lin[-1:]
-        retired = _retire(repo, cat, notices)
+        retired, withdrawn = retire_replaced(repo, cat, chain_of(point), notices, keyring=ring)
+        if withdrawn:  # a stopped consolidation's merged point that does not verify: the old points stand again
+            cat = repo.catalog()
+            point = _stood_for(cat, point)
+            h = point.header
+            run, first = _run_of(repo, cat, point, from_address)
         if len(run) < 2:
             if retired:  # a re-run that only finished an interrupted consolidation
                 return ConsolidateResult(str(point.point_id), [], [s.name for s in point.segments], retired,
@@ -103,28 +100,84 @@ def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = No
         report = verify(repo, m, cat=fresh, keyring=ring)  # its lineage's maps and every payload it holds
         if not report.ok:
             problems = [q for p in report.points for q in p.problems] + report.incomplete
+            _withdraw(repo, m)
             raise ImagechainError(f"the merged point {describe(m)} does not verify ({'; '.join(problems[:2])}); "
-                                  f"the points it was made from are kept")  # fmt: skip
-        retired += _retire(repo, repo.catalog(), notices)
+                                  f"it was withdrawn to {RETIRED}/, and the points it was made from stand as "
+                                  f"before")  # fmt: skip
+        retired += retire_replaced(repo, repo.catalog(), chain_of(point), notices, proven={m.point_id},
+                                   keyring=ring)[0]  # fmt: skip
     return ConsolidateResult(str(merged.point_id), [str(p.point_id) for p in run], [s.name for s in m.segments],
                              retired, "full" if run[0].header.parent_id is None else "incremental", stored,
                              copied, time.monotonic() - t0, notices)  # fmt: skip
 
 
-def _retire(repo: Repository, cat: Catalog, notices: list[str]) -> list[str]:
-    """Move the files of points a whole merged point replaced (the catalog put them in `superseded`) into
-    retired/<time>/, where readers that listed them before can still open them; delete what was retired
-    longer than RETIRED_GRACE_S ago."""
+def _run_of(repo: Repository, cat: Catalog, point: PointFiles,
+            from_address: str | None) -> tuple[list[PointFiles], int]:  # fmt: skip
+    """The points to merge (the lineage of `point` from its full point or from `from_address`), and where
+    the run starts in that lineage."""
+    lin = cat.lineage(point)
+    first = 0
+    if from_address:
+        start = select(cat, from_address, repo.display)
+        ids = [p.point_id for p in lin]
+        if start.point_id not in ids:
+            raise UsageError(f"--from {describe(start)} is not in the lineage of {describe(point)}")
+        first = ids.index(start.point_id)
+    return lin[first:], first
+
+
+def _stood_for(cat: Catalog, p: PointFiles) -> PointFiles:
+    """`p`, or, once p was a merged point and has been withdrawn, the point it stood for (the last of those
+    it replaced: the same sequence number)."""
+    if p.point_id in cat.points:
+        return p
+    for pid in merged_ids(p):
+        q = cat.points.get(pid)
+        if q is not None and q.header.sequence == p.header.sequence:
+            return q
+    raise PointNotFoundError(f"{describe(p)} was withdrawn, and the point it stood for is not in the repository")
+
+
+def chain_of(p: PointFiles) -> tuple[bytes, bytes, str]:
+    """What a chain lock covers: host, source and chain name."""
+    return p.header.host_id, p.header.source_id, str(p.header.metadata.get("chain", "default"))
+
+
+def retire_replaced(repo: Repository, cat: Catalog, chain: tuple[bytes, bytes, str], notices: list[str],
+                    *, proven: set[uuid.UUID] | frozenset[uuid.UUID] = frozenset(),
+                    keyring: Keyring | None = None) -> tuple[list[str], list[PointFiles]]:  # fmt: skip
+    """Move the files of this chain's points that a merged point replaced (the catalog put them in
+    `superseded`) into retired/<time>/, where readers that listed them before can still open them; delete
+    what was retired longer than RETIRED_GRACE_S ago. The caller holds the chain's lock: another chain's
+    consolidation may have published its merged point and not yet verified it.
+
+    A merged point not in `proven` (verified by this run) is verified first: its consolidation may have
+    been stopped between publishing and verifying it, or it came from elsewhere. One that fails is
+    withdrawn instead, so the points it replaced stand again. Returns the files retired and the merged
+    points withdrawn."""
     gone: list[str] = []
+    withdrawn: list[PointFiles] = []
     now = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    for old in cat.superseded.values():
+    sound: dict[uuid.UUID, bool] = {m: True for m in proven}
+    for old in [o for o in cat.superseded.values() if chain_of(o) == chain]:
+        m = cat.stand_ins[old.point_id]
+        if m.point_id not in sound:
+            report = verify(repo, m, cat=cat, keyring=keyring)
+            sound[m.point_id] = report.ok
+            if not report.ok:
+                _withdraw(repo, m)
+                withdrawn.append(m)
+                problems = [q for p in report.points for q in p.problems] + report.incomplete
+                notices.append(f"withdrew {describe(m)} to {RETIRED}/: the merged point does not verify "
+                               f"({'; '.join(problems[:2])}); the points it was made from stand as before")  # fmt: skip
+        if not sound[m.point_id]:
+            continue
         with interrupts.deferred():
             for seg in old.segments:
                 repo.store.rename(seg.name, f"{RETIRED}/{stamp}/{seg.name}")
                 gone.append(seg.name)
-        into = str(cat.stand_ins[old.point_id].point_id)[:8]
-        notices.append(f"retired {describe(old)}: merged into point {into}")
+        notices.append(f"retired {describe(old)}: merged into point {str(m.point_id)[:8]}")
     for e in list(repo.store.list(RETIRED + "/")):
         when = e.name.split("/")[1]
         try:
@@ -133,7 +186,17 @@ def _retire(repo: Repository, cat: Catalog, notices: list[str]) -> list[str]:
             continue  # not ours: left alone
         if age > RETIRED_GRACE_S:
             repo.store.delete(e.name)
-    return gone
+    return gone, withdrawn
+
+
+def _withdraw(repo: Repository, m: PointFiles) -> None:
+    """Take a merged point that does not verify out of the repository, into retired/<time>/ (kept there for
+    a look until the grace period ends). Its last segment, which holds the footer, goes first: from then on
+    the point does not exist, and the catalog shows the points it replaced again."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    with interrupts.deferred():
+        for seg in reversed(m.segments):
+            repo.store.rename(seg.name, f"{RETIRED}/{stamp}/{seg.name}")
 
 
 def _key_table(run: list[PointFiles]) -> tuple[list[tuple[uuid.UUID, bytes]], np.ndarray]:

@@ -8,11 +8,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from imagechain.address import open_point
 from imagechain.engine.backup import backup
+from imagechain.engine.consolidate import consolidate
+from imagechain.engine.replicate import replicate
 from imagechain.repository import Repository
 
 from .conftest import exe, need_tool
-from .test_consolidate import make_chain, restorable
+from .test_consolidate import flip_in_payloads, live_files, make_chain, restorable
 
 MiB = 1 << 20
 
@@ -73,3 +78,51 @@ def test_a_damaged_source_point_is_not_copied(tmp_path: Path, repo: Path) -> Non
     assert r.returncode == 7, r.stderr
     assert "does not verify" in r.stderr.strip().splitlines()[-1]
     assert len(Repository.open(str(dst)).catalog().points) == 1  # the full point went; the damaged one did not
+
+
+def test_what_the_source_merged_away_the_replica_retires(tmp_path: Path, repo: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Once the merged point arrives, the replica's catalog hides the points it replaced: their files were
+    kept there for ever (a nightly prune and replication grew the remote site without bound)."""
+    import imagechain.engine.replicate as mod
+
+    states = make_chain(tmp_path, repo, 4, seed=24)
+    dst = tmp_path / "remote"
+    assert ic("replicate", repo, dst, "--init").returncode == 0
+    res = open_point(f"{repo}::default@latest")
+    merged = consolidate(res.repo, res.point, cat=res.catalog)
+    r = ic("replicate", repo, dst, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["copied"] == [merged.point_id] and len(doc["retired_files"]) == 4
+    assert live_files(dst) == live_files(repo) and len(live_files(dst)) == 1
+    assert restorable(tmp_path, dst, {3: states[3]}) == {3}
+    assert json.loads(ic("replicate", repo, dst, "--json").stdout)["retired_files"] == []
+
+    # stopped after copying the merged point, before retiring: the next run verifies it in the replica first;
+    # damaged there, it is withdrawn (the old points stand again), and the run after copies it anew
+    repo2 = tmp_path / "repo2"
+    Repository.open(str(repo2), create=True)
+    states = make_chain(tmp_path, repo2, 3, seed=25)
+    dst2 = tmp_path / "remote2"
+    replicate(Repository.open(str(repo2)), Repository.open(str(dst2), create=True))
+    res = open_point(f"{repo2}::default@latest")
+    merged = consolidate(res.repo, res.point, cat=res.catalog)
+    real = mod.retire_replaced
+
+    def stopped(*a: object, **k: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "retire_replaced", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        replicate(Repository.open(str(repo2)), Repository.open(str(dst2)))
+    monkeypatch.setattr(mod, "retire_replaced", real)
+    (copy,) = [f for f in live_files(dst2) if merged.point_id[:8] in f]
+    flip_in_payloads(dst2 / copy, 256 << 10)
+    r = replicate(Repository.open(str(repo2)), Repository.open(str(dst2)))
+    assert r.copied == [] and r.retired_files == []
+    assert any(n.startswith("withdrew point") for n in r.notices), r.notices
+    assert restorable(tmp_path, dst2, states) == {0, 1, 2}
+    r = replicate(Repository.open(str(repo2)), Repository.open(str(dst2)))
+    assert r.copied == [merged.point_id] and len(r.retired_files) == 3
+    assert restorable(tmp_path, dst2, states) == {2}

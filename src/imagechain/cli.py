@@ -741,7 +741,8 @@ def replicate(src: str, dst: str, chains: tuple[str, ...], init: bool, as_json: 
     r = run_replicate(Repository.open(src), Repository.open(dst, create=init), chains=chains)
     if _notices_or_json(r, as_json):
         return
-    click.echo(f"copied {len(r.copied)} point(s) ({human(r.bytes_copied)}), {r.skipped} already there, "
+    retired = f", {len(r.retired_files)} file(s) retired (merged away in SRC)" if r.retired_files else ""
+    click.echo(f"copied {len(r.copied)} point(s) ({human(r.bytes_copied)}), {r.skipped} already there{retired}, "
                f"{r.duration_s:.1f} s")  # fmt: skip
 
 

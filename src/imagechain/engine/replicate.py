@@ -6,17 +6,22 @@ a point is published (its segments renamed, the one with the footer last) only w
 and the source point verified. Interrupted, a replication leaves temporaries that the next run (holding
 the destination chain's lock) removes; points already there are skipped, so running it again resumes,
 and running it twice copies nothing. Files keep their names, so a replica is laid out like its source
-and a chain copied to a remote site can be continued there by backups."""
+and a chain copied to a remote site can be continued there by backups.
+
+What the source merged away (consolidate, prune) the destination retires too, once the merged point has
+arrived: from then on the destination's catalog hides those points behind it, so their files would only
+take up room there, for ever."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import blake3
 
 from .. import interrupts
-from ..chain import Catalog, chain_name, describe
+from ..chain import Catalog, MapStream, chain_name, describe, merged_ids
 from ..errors import ImagechainError, IntegrityError
 from ..format.reader import PointFiles
 from ..identity import local_host
@@ -24,6 +29,7 @@ from ..lock import ChainLock
 from ..repository import Repository
 from ..stores import AtomicWriter
 from .backup import recover_leftovers
+from .consolidate import chain_of, retire_replaced
 from .pipeline import default_threads
 from .progress import Silent
 from .verify import verify_point
@@ -36,6 +42,7 @@ class ReplicateResult:
     copied: list[str] = field(default_factory=list)  # point ids
     skipped: int = 0
     bytes_copied: int = 0
+    retired_files: list[str] = field(default_factory=list)  # in the destination: what the source merged away
     duration_s: float = 0.0
     notices: list[str] = field(default_factory=list)
 
@@ -72,12 +79,36 @@ def replicate(src: Repository, dst: Repository, *, chains: tuple[str, ...] = (),
                 continue
             if check_source:  # this point alone: its ancestors were checked when they were copied
                 bad = verify_point(src, p, default_threads(), Silent()).problems
+                if not bad and merged_ids(p) and not (h.encrypted and p.keys is None):
+                    bad = _map_problem(src, scat, p)  # the destination retires what it replaced on its word
                 if bad:
                     raise IntegrityError(f"{describe(p)} does not verify in the source ({bad[0]}); not copied")
             res.bytes_copied += _copy_point(src, dst, p, lock)
         res.copied.append(str(p.point_id))
+    # merged points copied here were verified in the source and read back: the points they replaced go now;
+    # a merged point that arrived otherwise (an earlier run stopped in between) is verified here first
+    proven = {uuid.UUID(x) for x in res.copied} if check_source else set()
+    dcat = dst.catalog()
+    for key in sorted({chain_of(o) for o in dcat.superseded.values() if not chains or chain_name(o) in chains}):
+        host_id, source_id, chain = key
+        lock = ChainLock(dst.store, dst.lock_name(host_id, source_id, chain), me,
+                         f"chain {chain!r} (replication)", dst.display)  # fmt: skip
+        with lock:
+            res.notices += lock.notices
+            res.retired_files += retire_replaced(dst, dst.catalog(), key, res.notices, proven=proven)[0]
     res.duration_s = time.monotonic() - t0
     return res
+
+
+def _map_problem(repo: Repository, cat: Catalog, p: PointFiles) -> list[str]:
+    """A merged point's map must add up to the state it stands for, through its lineage (its consolidation
+    checks that after publishing it, and may have been stopped before)."""
+    try:
+        with MapStream(repo.store, cat.lineage(p)) as ms:
+            ms.prove()
+    except ImagechainError as e:
+        return [str(e)]
+    return []
 
 
 def _copy_point(src: Repository, dst: Repository, p: PointFiles, lock: ChainLock) -> int:

@@ -374,3 +374,26 @@ def test_data_chunks_of_a_sparse_image(tmp_path: Path) -> None:
     with open_source(str(empty)) as src:
         got = src.data_chunks(MiB)
     assert got is not None and list(got) == [0, 0, 0]
+
+
+def test_a_source_file_name_that_is_not_utf8(tmp_path: Path, repo: Path) -> None:
+    """A file name from a system that wrote Latin-1 (`März` as 4D E4 72 7A): the backup died with a
+    UnicodeEncodeError traceback while making the source's id. Its name is kept with the byte escaped."""
+    from .conftest import assert_portable, exe, write_volume
+
+    vol = Path(os.fsdecode(bytes(tmp_path) + b"/M\xe4rz.img"))
+    data = bytearray(write_volume(vol, 2 * MiB, seed=41))
+    for kind in ("full", "incremental"):  # the same source both times
+        if kind == "incremental":
+            data[:4096] = os.urandom(4096)
+            vol.write_bytes(data)
+        r = subprocess.run([exe(), "backup", str(vol), str(repo), "--json"], capture_output=True, text=True,
+                           check=False)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f'"kind": "{kind}"' in r.stdout
+    info = subprocess.run([exe(), "info", str(repo), "--json"], capture_output=True, text=True, check=True)
+    assert '"source": "M\\\\xe4rz.img"' in info.stdout
+    out = tmp_path / "out.img"
+    subprocess.run([exe(), "restore", str(repo), str(out)], capture_output=True, check=True)
+    assert out.read_bytes() == data
+    assert_portable(repo)

@@ -265,12 +265,18 @@ def open_source(path: str, name: str | None = None) -> Source:
         os.close(fd)
         raise
     p = probe(head)
-    identity = f"{p.kind}:{p.uuid}" if p else f"path:{os.path.realpath(path)}"
+    identity = f"{p.kind}:{p.uuid}" if p else f"path:{path_text(os.path.realpath(path))}"
     # a name given with --source-name makes a source of its own (a clone of a disk backed up apart from it)
     named = identity if name is None else f"{identity}\0name={name}"
     sid = blake3.blake3(b"imagechain-source\0" + named.encode()).digest(16)
-    return Source(path, fd, size, is_dev, identity, sid, name or os.path.basename(os.path.normpath(path)), p,
-                  device_identity, mtime_ns, ctime_ns)  # fmt: skip
+    return Source(path, fd, size, is_dev, identity, sid, name or path_text(os.path.basename(os.path.normpath(path))),
+                  p, device_identity, mtime_ns, ctime_ns)  # fmt: skip
+
+
+def path_text(path: str) -> str:
+    """A path as text that can be written anywhere (UTF-8, JSON, a terminal): the bytes of a file name that
+    are not UTF-8 (Python holds them as lone surrogates) become `\\xNN`; any other path is itself."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # --- device identity (see the module docstring) ---

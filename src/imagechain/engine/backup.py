@@ -35,7 +35,7 @@ from ..mapcache import MapFile, MapWriter, cache_path, commit_tip, default_cache
 from ..payload import block_digest
 from ..repository import Repository
 from ..snapshots import Capture, Plan, SnapshotOptions, plan_snapshot
-from ..sources import Source, check_name, open_source, same_source
+from ..sources import Source, check_name, open_source, path_text, same_source
 from ..state import StateHasher
 from ..stores import Store, StoreEntry, is_remote, local_path, temporary_of
 from ..usage import Usage, volume_usage
@@ -413,7 +413,7 @@ class _Job:
                     kind=spec.KIND_INCREMENTAL if parent else spec.KIND_FULL,
                     compression=codec.compression, compression_level=codec.level, split_size=split,
                     metadata={
-                        "host": host.name, "source": src.name, "source_path": os.path.abspath(src.path),
+                        "host": host.name, "source": src.name, "source_path": path_text(os.path.abspath(src.path)),
                         "source_identity": src.identity, "device_identity": src.device_identity,
                         "chain": self.chain, "tool": f"imagechain {__version__}",
                         **({"parent_file": parent.name.rpartition("/")[2]} if parent else {}),

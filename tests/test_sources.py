@@ -340,7 +340,7 @@ def test_device_that_changes_size_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["a/b", "x@-1", "", "::", "a::b", "a\nb", "a\tb", "a\x7fb", "a\u2028b", " ",
-                                  "\t", ".", "..", "x" * 1025])  # fmt: skip
+                                  "\t", ".", "..", "x" * 1025, "a\udcffb"])  # fmt: skip
 def test_check_name_rejects(name: str) -> None:
     with pytest.raises(UsageError) as e:
         check_name("chain", name)
@@ -397,3 +397,8 @@ def test_a_source_file_name_that_is_not_utf8(tmp_path: Path, repo: Path) -> None
     subprocess.run([exe(), "restore", str(repo), str(out)], capture_output=True, check=True)
     assert out.read_bytes() == data
     assert_portable(repo)
+    # names given that are not UTF-8 are refused, in one line (they died with the same traceback)
+    for opt in ("--chain", "--source-name", "--host"):
+        bad = subprocess.run([exe(), "backup", str(vol), str(repo), opt, os.fsdecode(b"x\xff")], capture_output=True,
+                             text=True, check=False)  # fmt: skip
+        assert bad.returncode == 2 and "it is not valid UTF-8" in bad.stderr and len(bad.stderr.splitlines()) == 1

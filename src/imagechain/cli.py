@@ -34,6 +34,7 @@ from .repository import EXTENSION, Repository
 from .sizes import human, parse_duration, parse_size
 from .snapshots import MODES, SnapshotOptions
 from .snapshots.apps import APPS
+from .sources import check_name
 from .stores import is_remote
 
 if TYPE_CHECKING:
@@ -287,7 +288,7 @@ def backup(source: str, repo: str, chain: str, full: bool, parent: str | None, b
         block_size=_size_option(block_size, check_block_size),
         codec=CodecParams.parse(compression) if compression else None,
         split_size=_size_option(split_size, check_split_size),
-        host=local_host(host_name) if host_name is not None else None, source_name=source_name,
+        host=local_host(check_name("host", host_name)) if host_name is not None else None, source_name=source_name,
         source_moved=source_moved, allow_mounted=allow_mounted, all_blocks=all_blocks, init=init,
         limits=limits, encrypt=new, keyring=_keyring(passphrase_file, identity),
         snapshot=SnapshotOptions(snapshot_mode, parse_duration(max_freeze),

@@ -361,7 +361,7 @@ def same_source(recorded: str, current: str) -> bool | None:
 # --- names given on the command line ---
 
 MAX_NAME = 1024
-NAME_RULE = ("1 to 1024 characters, without '/', '@', '::', control characters or line breaks, "
+NAME_RULE = ("1 to 1024 characters of UTF-8, without '/', '@', '::', control characters or line breaks, "
              "not only whitespace, and not '.' or '..'")  # fmt: skip
 
 
@@ -391,6 +391,8 @@ def _name_problem(name: str) -> str:
         return "it contains '::'"
     if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
         return "it contains a control character or line break"
+    if any(0xDC80 <= ord(c) <= 0xDCFF for c in name):  # bytes of the command line that were not UTF-8
+        return "it is not valid UTF-8"
     if not name.strip():
         return "it is only whitespace"
     return ""

@@ -303,6 +303,20 @@ def test_another_machine_lock_is_stale_only_after_it_stops_changing_here(
 # -- holding: refresh, takeover, release -----------------------------------------------------------
 
 
+def test_a_stop_signal_before_the_refresh_thread_starts(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT landing in Thread.start(): release() joined a thread that had not started, and the backup died
+    with "RuntimeError: cannot join thread before it is started" instead of the stop's one line."""
+
+    class Interrupted(threading.Thread):
+        def start(self) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lock.threading, "Thread", Interrupted)
+    with pytest.raises(KeyboardInterrupt), chain_lock(store):
+        pass
+    assert not lock_path(store).exists()  # it was ours: it went
+
+
 def test_refresh_stops_when_the_lock_is_taken_over(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lock, "REFRESH_EVERY", 0.05)
     cl = chain_lock(store)

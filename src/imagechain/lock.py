@@ -13,6 +13,7 @@ overwritten. See docs/REPOSITORY.md "Locks"."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -444,7 +445,10 @@ class ChainLock:
         """Stop refreshing; delete the lock file if it is still ours (a lock already gone is fine)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            # a stop signal inside Thread.start() (right after the lock was created) leaves a thread that may
+            # not have started: join refuses it, and once started it ends at once, the stop being set
+            with contextlib.suppress(RuntimeError):
+                self._thread.join()
             self._thread = None
         with self._guard:
             try:

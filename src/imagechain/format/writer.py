@@ -8,6 +8,7 @@ holds up only that thread, while reading, hashing and compression go on until th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -262,7 +263,8 @@ class ImageWriter:
         if self._thread is not None:
             self._error = self._error or RuntimeError("aborted")  # the thread drops what is still queued
             self._queue.put(None)
-            self._thread.join()
+            with contextlib.suppress(RuntimeError):  # a stop signal inside Thread.start(): maybe never started
+                self._thread.join()
             self._thread = None
         self._frames.close()
         for seg in self.segments:

@@ -327,7 +327,8 @@ class NbdServer:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
+            with contextlib.suppress(RuntimeError):  # a stop signal inside Thread.start(): maybe never started
+                self._thread.join(5)
         with self._lock:
             conns = list(self._conns.items())
         for conn, _t in conns:

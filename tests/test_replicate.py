@@ -14,6 +14,8 @@ from imagechain.address import open_point
 from imagechain.engine.backup import backup
 from imagechain.engine.consolidate import consolidate
 from imagechain.engine.replicate import replicate
+from imagechain.identity import local_host
+from imagechain.lock import ChainLock
 from imagechain.repository import Repository
 
 from .conftest import exe, need_tool
@@ -117,6 +119,14 @@ def test_what_the_source_merged_away_the_replica_retires(tmp_path: Path, repo: P
     with pytest.raises(KeyboardInterrupt):
         replicate(Repository.open(str(repo2)), Repository.open(str(dst2)))
     monkeypatch.setattr(mod, "retire_replaced", real)
+    # a backup at the remote site holds the chain's lock there: nothing to copy, the retiring waits
+    h = res.point.header
+    replica = Repository.open(str(dst2))
+    with ChainLock(replica.store, replica.lock_name(h.host_id, h.source_id, "default"), local_host(),
+                   "a backup at the remote site", replica.display):  # fmt: skip
+        r = replicate(Repository.open(str(repo2)), Repository.open(str(dst2)))
+    assert r.copied == [] and r.retired_files == []
+    assert any(n.startswith("nothing retired in chain 'default' this time") for n in r.notices), r.notices
     (copy,) = [f for f in live_files(dst2) if merged.point_id[:8] in f]
     flip_in_payloads(dst2 / copy, 256 << 10)
     r = replicate(Repository.open(str(repo2)), Repository.open(str(dst2)))

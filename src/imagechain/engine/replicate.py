@@ -22,7 +22,7 @@ import blake3
 
 from .. import interrupts
 from ..chain import Catalog, MapStream, chain_name, describe, merged_ids
-from ..errors import ImagechainError, IntegrityError
+from ..errors import ImagechainError, IntegrityError, LockedError
 from ..format.reader import PointFiles
 from ..identity import local_host
 from ..lock import ChainLock
@@ -93,9 +93,12 @@ def replicate(src: Repository, dst: Repository, *, chains: tuple[str, ...] = (),
         host_id, source_id, chain = key
         lock = ChainLock(dst.store, dst.lock_name(host_id, source_id, chain), me,
                          f"chain {chain!r} (replication)", dst.display)  # fmt: skip
-        with lock:
-            res.notices += lock.notices
-            res.retired_files += retire_replaced(dst, dst.catalog(), key, res.notices, proven=proven)[0]
+        try:
+            with lock:
+                res.notices += lock.notices
+                res.retired_files += retire_replaced(dst, dst.catalog(), key, res.notices, proven=proven)[0]
+        except LockedError as e:  # the copies are done; what to retire waits for the next run
+            res.notices.append(f"nothing retired in chain {chain!r} this time: {e}")
     res.duration_s = time.monotonic() - t0
     return res
 

@@ -191,3 +191,17 @@ def test_help(command: str | None) -> None:
 def test_version() -> None:
     out = ok("--version")
     assert out.strip() == f"imagechain, version {imagechain.__version__}"
+
+
+def test_names_a_terminal_cannot_show_are_escaped(tmp_path: Path, repo: Path) -> None:
+    """Under a locale whose encoding lacks a chain's characters (日本 on Latin-1), `list` died with a
+    UnicodeEncodeError traceback; the names come out escaped, as on stderr."""
+    vol = tmp_path / "vol.img"
+    write_volume(vol, 1 << 20, seed=51)
+    ok("backup", vol, repo, "--chain", "日本")
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    for args in (["list", repo], ["info", f"{repo}::日本"], ["backup", vol, repo, "--chain", "日本"]):
+        p = subprocess.run([exe(), *map(str, args)], capture_output=True, env=env, check=False)
+        assert p.returncode == 0 and b"Traceback" not in p.stderr, (args, p.stderr)
+    listed = subprocess.run([exe(), "list", str(repo)], capture_output=True, env=env, check=True).stdout
+    assert b"\\u65e5\\u672c" in listed

@@ -33,6 +33,12 @@ def run() -> None:
     # numpy's BLAS would start a thread per core that spins in the background; imagechain does no linear
     # algebra (measured: 2% of a backup's CPU time went to those threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # a terminal or log whose encoding cannot show a name (a chain called 日本 under a Latin-1 locale) gets
+    # it escaped, as stderr already does: the table printed to stdout died with a UnicodeEncodeError
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         interrupts.install()  # from here a stop signal raises Stopped (or waits in deferred())
         if _early:  # one came while the modules that route them were imported

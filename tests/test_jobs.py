@@ -116,6 +116,17 @@ def test_config_errors_name_the_job_and_the_key(tmp_path: Path, body: str, words
     assert cli.returncode == 2 and len(error_lines(cli.stderr)) == 1 and "Traceback" not in cli.stderr
 
 
+def test_a_job_file_that_is_not_utf8(tmp_path: Path) -> None:
+    """A path written in Latin-1 into the job file: tomllib let the decoder's UnicodeDecodeError through,
+    and `jobs list` and the agent died with a traceback."""
+    f = tmp_path / "jobs.toml"
+    f.write_bytes(b'[jobs.a]\nsource = "/srv/M\xe4rz.img"\nrepository = "/r"\nschedule = "daily"\n')
+    with pytest.raises(UsageError, match=r"is not valid TOML: it is not UTF-8 \(byte 25: invalid continuation byte\)"):
+        load(str(f))
+    cli = subprocess.run([exe(), "jobs", "list", "--config", str(f)], capture_output=True, text=True)
+    assert cli.returncode == 2 and len(error_lines(cli.stderr)) == 1 and "Traceback" not in cli.stderr
+
+
 def test_a_full_job_file_reads_and_maps_to_the_engine(tmp_path: Path) -> None:
     f = write_config(tmp_path / "jobs.toml", '''
 [notify]

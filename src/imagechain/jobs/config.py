@@ -110,6 +110,8 @@ def load(path: str | None = None) -> Config:
         raise UsageError(f"cannot read job file {path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path} is not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib lets the decoder's error through
+        raise UsageError(f"{path} is not valid TOML: it is not UTF-8 (byte {e.start}: {e.reason})") from e
     return parse_config(doc, path)
 
 

@@ -275,6 +275,12 @@ def test_mode_errors(tmp_path: Path, repo: Path) -> None:
     (tmp_path / "bad.pub").write_text("not a key\n")
     cli = ic("backup", vol, repo, "--full", "--recipient", tmp_path / "bad.pub")
     assert cli.returncode == 2 and "not an imagechain public key" in cli.stderr
+    # a binary file given as a key (the passphrase file's neighbour, a disk image): one line, no traceback
+    (tmp_path / "binary").write_bytes(bytes(range(256)) * 64)
+    for opt, what in (("--recipient", "public key"), ("--identity", "secret identity")):
+        cli = ic("backup", vol, repo, "--full", opt, tmp_path / "binary")
+        assert cli.returncode == 2 and f"is not an imagechain {what}" in cli.stderr, cli.stderr
+        assert len(error_lines(cli.stderr)) == 1 and "Traceback" not in cli.stderr
 
 
 def test_recipient_key_store_unwritable_publishes_nothing(tmp_path: Path, repo: Path) -> None:

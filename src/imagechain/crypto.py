@@ -333,11 +333,12 @@ def generate_identity(path: str) -> str:
 
 def _read_key(path: str, kind: str) -> bytes:
     try:
-        with open(path, encoding="utf-8") as f:
-            words = f.read().split()
+        with open(path, "rb") as f:
+            data = f.read(4096)  # a key file is one short line: a larger file is not one
     except OSError as e:
         raise UsageError(f"cannot read key file {path}: {e.strerror}") from e
     try:
+        words = data.decode("ascii").split()  # a binary or text file of another kind fails here too
         if len(words) != 2 or words[0] != kind:
             raise ValueError
         raw = base64.b64decode(words[1], validate=True)

@@ -174,6 +174,10 @@ def test_local_time_selectors_follow_the_wall_clock(berlin: None) -> None:
     assert limit("2026-11-24T10:15:30") == "2026-11-24T10:15:31+01:00"
     # UTC and offsets are not local time
     assert limit("2026-10-25Z") == "2026-10-26T01:00:00+01:00"
+    # the ends of the calendar: everything, or nothing (the day after 9999-12-31 overflowed)
+    assert _time_limit("9999-12-31") == _time_limit("9999-12-31T23:59:59.999999Z") > _time_limit("2026-11-24")
+    assert _time_limit("9999-12-31T23:59:59+14:00") > _time_limit("2026-11-24")
+    assert _time_limit("0001-01-01T00:00:00+14:00") < 0 and _time_limit("0001-01-01T00:00") < 0
 
 
 def test_clock_set_back_does_not_hide_a_newer_full_generation(tmp_path: Path, repo: Path,

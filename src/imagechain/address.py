@@ -249,11 +249,15 @@ def _time_limit(sel: str) -> int:
             raise UsageError(f"bad point selector {sel!r}: a zone offset and Z")
         when = when.replace(tzinfo=UTC)
     # the first moment past what the selector names, by the clock it is written in
-    end = when + _SPANS.get(len(bare), timedelta(microseconds=1))
-    if end.tzinfo is None:  # local: the later of two passes (a time in a gap keeps the first reading)
-        end = max(end.replace(fold=0).astimezone(), end.replace(fold=1).astimezone())
+    try:
+        end = when + _SPANS.get(len(bare), timedelta(microseconds=1))
+        if end.tzinfo is None:  # local: the later of two passes (a time in a gap keeps the first reading)
+            end = max(end.replace(fold=0).astimezone(), end.replace(fold=1).astimezone())
+    except (OverflowError, ValueError):  # past 9999-12-31 or before 0001-01-01, by the span or the zone
+        return _LAST_US if when.year == datetime.max.year else -1
     return (end - _EPOCH) // timedelta(microseconds=1) - 1
 
 
 _SPANS = {10: timedelta(days=1), 13: timedelta(hours=1), 16: timedelta(minutes=1), 19: timedelta(seconds=1)}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LAST_US = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)

@@ -914,6 +914,7 @@ def test_a_full_disk_never_damages_what_is_there(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args", [["--block-size", "3000"], ["--block-size", "2K"], ["--block-size", "32M"],
                                   ["--block-size", "0"], ["--block-size", "lots"], ["--split-size", "100K"],
+                                  ["--split-size", "99999999999999999T"],  # past the header's u64: struct.error
                                   ["--compression", "gzip"], ["--compression", "zstd:99"]])  # fmt: skip
 def test_bad_arguments(tmp_path: Path, repo: Path, small_vol: tuple[Path, bytes], args: list[str]) -> None:
     line = one_line_error(ic("backup", small_vol[0], repo, *args), 2)

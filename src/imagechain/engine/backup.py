@@ -67,6 +67,8 @@ def check_block_size(bs: int) -> int:
 def check_split_size(size: int) -> int:
     if size and size < MIN_SPLIT:
         raise UsageError(f"split size must be at least 1M (or 0 for none), not {size}")
+    if size >= 1 << 64:  # the point header's u64 (FORMAT.md section 3); no file comes near it
+        raise UsageError(f"split size must be below 2^64 bytes (or 0 for none), not {size}")
     return size
 
 

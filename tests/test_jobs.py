@@ -461,6 +461,13 @@ notify = {{ on_success = true, webhook = "http://127.0.0.1:1/nobody" }}
     assert hist[0]["detail"]["notify_problems"] and hist[1]["exit_code"] == 4 and hist[3]["bytes_read"] > 0
     text = subprocess.run([exe(), "jobs", "history", "good", "--config", str(f)], capture_output=True, text=True)
     assert text.returncode == 0 and text.stdout.count("good: ok") == 2
+    one = subprocess.run([exe(), "jobs", "history", "--config", str(f), "--json", "--limit", "1"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert [r["job"] for r in json.loads(one.stdout)] == ["loud"]
+    for bad in ("0", str(1 << 70)):  # past SQLite's integers: an OverflowError traceback
+        r = subprocess.run([exe(), "jobs", "history", "--config", str(f), "--limit", bad], capture_output=True,
+                           text=True)  # fmt: skip
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "--limit" in r.stderr, r.stderr
 
 
 def test_the_agent_runs_jobs_as_python_dash_m(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ def register(main: click.Group) -> None:
     @jobs.command()
     @click.argument("name", required=False)
     @click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
-    @click.option("--limit", type=int, default=20, show_default=True)
+    @click.option("--limit", type=click.IntRange(1, 1_000_000), default=20, show_default=True)
     @click.option("--json", "as_json", is_flag=True)
     @handle_errors
     def history(name: str | None, config_path: str | None, limit: int, as_json: bool) -> None:

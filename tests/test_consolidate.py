@@ -263,6 +263,49 @@ def test_split_points_merge_into_a_split_point(tmp_path: Path, repo: Path) -> No
     assert restorable(tmp_path, repo, states) == {1}
 
 
+def test_stopped_while_retiring_a_split_point_the_rest_is_no_damage_and_goes_next_time(
+        tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A point of several segments (any point on FAT) retired file by file, stopped (a power cut, an
+    unplugged disk) after some of them: what was left counted as a damaged point, verify failed with exit 7
+    for ever, and no consolidation removed it."""
+    import imagechain.stores.local as local
+
+    vol = tmp_path / "vol.img"
+    data = bytearray(os.urandom(6 * MiB))
+    vol.write_bytes(data)
+    backup(str(vol), str(repo), split_size=MiB, cache_dir=None)
+    data[MiB : 2 * MiB] = os.urandom(MiB)
+    vol.write_bytes(data)
+    backup(str(vol), str(repo), cache_dir=None)
+    states = {1: hashlib.sha256(data).hexdigest()}
+    real, moved = local.LocalStore.rename, []
+
+    def stopped_inside_the_full(store: local.LocalStore, name: str, new: str) -> None:
+        if new.startswith("retired/") and "-full-" in name and ".s002." in name:  # its first two moved already
+            raise KeyboardInterrupt
+        if new.startswith("retired/"):
+            moved.append(name)
+        real(store, name, new)
+
+    monkeypatch.setattr(local.LocalStore, "rename", stopped_inside_the_full)
+    res = open_point(f"{repo}::default@latest")
+    with pytest.raises(KeyboardInterrupt):
+        consolidate(res.repo, res.point, cat=res.catalog)
+    monkeypatch.setattr(local.LocalStore, "rename", real)
+    cat = Repository.open(str(repo)).catalog()
+    assert not cat.damaged and not cat.problems and len(cat.remnants) == 1, (moved, cat.damaged, cat.problems,
+                                                                            cat.superseded, cat.incomplete)
+    assert any("left of point" in n and "retiring was stopped part-way" in n for n in cat.notices)
+    v = subprocess.run([exe(), "verify", str(repo)], capture_output=True, text=True, check=False)
+    assert v.returncode == 0, v.stdout + v.stderr
+    res = open_point(f"{repo}::default@latest")
+    r = consolidate(res.repo, res.point, cat=res.catalog)  # nothing to merge: it finishes the retiring
+    assert any(n.startswith("retired the rest of point") for n in r.notices), r.notices
+    cat = Repository.open(str(repo)).catalog()
+    assert not cat.remnants and not cat.superseded and not cat.notices
+    assert restorable(tmp_path, repo, states) == {1}
+
+
 def test_a_reader_that_listed_the_old_points_still_reads_them_and_retired_files_go_later(
         tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A restore that resolved its point before a consolidation retired it opens the files afterwards

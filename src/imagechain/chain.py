@@ -50,6 +50,8 @@ class Catalog:
     # replaced points whose files are still there (a consolidation stopped before retiring them)
     stand_ins: dict[uuid.UUID, PointFiles] = field(default_factory=dict)
     superseded: dict[uuid.UUID, PointFiles] = field(default_factory=dict)
+    # files left of a replaced point whose retiring was stopped part-way (some segments moved, some not)
+    remnants: dict[uuid.UUID, list[str]] = field(default_factory=dict)
 
     def resolve(self, point_id: uuid.UUID) -> PointFiles | None:
         """The point with this id, or the merged point that stands in for it."""
@@ -282,6 +284,17 @@ def _merge_stand_ins(cat: Catalog) -> None:
     for old in list(cat.stand_ins):
         if old in cat.points and cat.points[old].point_id != cat.stand_ins[old].point_id:
             cat.superseded[old] = cat.points.pop(old)
+    # a replaced point that is no longer whole lost segments to retired/ (moved first to last): not damage
+    # to report, but files the next consolidation retires with the rest
+    for old in [d for d in [*cat.damaged, *cat.incomplete] if d in cat.stand_ins]:
+        files = cat.damaged.pop(old)[0] if old in cat.damaged else cat.incomplete.pop(old)
+        cat.problems = [(f, why) for f, why in cat.problems if f != files]
+        cat.claims.pop(old, None)
+        cat.salvageable.pop(old, None)
+        cat.remnants[old] = files
+        cat.notices.append(f"{len(files)} file(s) left of point {str(old)[:8]}, which merged point "
+                           f"{str(cat.stand_ins[old].point_id)[:8]} replaced (its retiring was stopped part-way); "
+                           f"the next consolidation of the chain retires them")  # fmt: skip
 
 
 # -- block maps, a window at a time ------------------------------------------------------------------

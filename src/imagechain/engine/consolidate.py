@@ -160,8 +160,12 @@ def retire_replaced(repo: Repository, cat: Catalog, chain: tuple[bytes, bytes, s
     now = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     sound: dict[uuid.UUID, bool] = {m: True for m in proven}
-    for old in [o for o in cat.superseded.values() if chain_of(o) == chain]:
-        m = cat.stand_ins[old.point_id]
+    replaced = [(o.point_id, [seg.name for seg in o.segments], describe(o)) for o in cat.superseded.values()]
+    replaced += [(pid, files, f"the rest of point {str(pid)[:8]}") for pid, files in cat.remnants.items()]
+    for pid, files, what in replaced:
+        m = cat.stand_ins[pid]
+        if chain_of(m) != chain:
+            continue
         if m.point_id not in sound:
             report = verify(repo, m, cat=cat, keyring=keyring)
             sound[m.point_id] = report.ok
@@ -174,10 +178,10 @@ def retire_replaced(repo: Repository, cat: Catalog, chain: tuple[bytes, bytes, s
         if not sound[m.point_id]:
             continue
         with interrupts.deferred():
-            for seg in old.segments:
-                repo.store.rename(seg.name, f"{RETIRED}/{stamp}/{seg.name}")
-                gone.append(seg.name)
-        notices.append(f"retired {describe(old)}: merged into point {str(m.point_id)[:8]}")
+            for name in files:
+                repo.store.rename(name, f"{RETIRED}/{stamp}/{name}")
+                gone.append(name)
+        notices.append(f"retired {what}: merged into point {str(m.point_id)[:8]}")
     for e in list(repo.store.list(RETIRED + "/")):
         when = e.name.split("/")[1]
         try:

@@ -89,7 +89,8 @@ def replicate(src: Repository, dst: Repository, *, chains: tuple[str, ...] = (),
     # a merged point that arrived otherwise (an earlier run stopped in between) is verified here first
     proven = {uuid.UUID(x) for x in res.copied} if check_source else set()
     dcat = dst.catalog()
-    for key in sorted({chain_of(o) for o in dcat.superseded.values() if not chains or chain_name(o) in chains}):
+    replaced = [*dcat.superseded.values(), *(dcat.stand_ins[pid] for pid in dcat.remnants)]
+    for key in sorted({chain_of(o) for o in replaced if not chains or chain_name(o) in chains}):
         host_id, source_id, chain = key
         lock = ChainLock(dst.store, dst.lock_name(host_id, source_id, chain), me,
                          f"chain {chain!r} (replication)", dst.display)  # fmt: skip

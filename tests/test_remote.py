@@ -156,6 +156,12 @@ def test_replicate_between_every_kind_of_store(tmp_path: Path, sftp_env: SshServ
     assert len(r["copied"]) == 1
     restore_all(sftp_url, states, tmp_path)
     restore_all(str(last), {k: v for k, v in states.items() if k < 2}, tmp_path)
+    # what the source merges away, each replica retires in turn (a rename over SFTP, copy and delete on S3)
+    ok("consolidate", f"{first}::default")
+    for src, dst in [(str(first), sftp_url), (sftp_url, s3_url)]:
+        r = json.loads(ok("replicate", src, dst, "--json").stdout)
+        assert len(r["copied"]) == 1 and len(r["retired_files"]) == 2, (src, dst, r)
+    restore_all(s3_url, {k: v for k, v in states.items() if k > 0}, tmp_path)  # @0 was merged into @1
 
 
 # -- what goes wrong -------------------------------------------------------------------------------------

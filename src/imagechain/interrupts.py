@@ -71,6 +71,14 @@ def deferred() -> Iterator[None]:
             raise Stopped(signum)
 
 
+def join_started(thread: threading.Thread, timeout: float | None = None) -> None:
+    """Join a helper thread on the way out. A stop signal inside its Thread.start() may have left it never
+    started, and join refuses such a thread ("cannot join thread before it is started", a traceback over the
+    stop); one that starts late finds its stop already set and ends at once."""
+    with contextlib.suppress(RuntimeError):
+        thread.join(timeout)
+
+
 def as_stopped(exc: KeyboardInterrupt) -> Stopped:
     """A plain KeyboardInterrupt (Python's own SIGINT handler) as a Stopped."""
     return exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT)

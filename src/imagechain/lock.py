@@ -13,7 +13,6 @@ overwritten. See docs/REPOSITORY.md "Locks"."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -445,10 +444,7 @@ class ChainLock:
         """Stop refreshing; delete the lock file if it is still ours (a lock already gone is fine)."""
         self._stop.set()
         if self._thread is not None:
-            # a stop signal inside Thread.start() (right after the lock was created) leaves a thread that may
-            # not have started: join refuses it, and once started it ends at once, the stop being set
-            with contextlib.suppress(RuntimeError):
-                self._thread.join()
+            interrupts.join_started(self._thread)
             self._thread = None
         with self._guard:
             try:

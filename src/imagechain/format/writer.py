@@ -8,7 +8,6 @@ holds up only that thread, while reading, hashing and compression go on until th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import queue
 import re
@@ -263,8 +262,7 @@ class ImageWriter:
         if self._thread is not None:
             self._error = self._error or RuntimeError("aborted")  # the thread drops what is still queued
             self._queue.put(None)
-            with contextlib.suppress(RuntimeError):  # a stop signal inside Thread.start(): maybe never started
-                self._thread.join()
+            interrupts.join_started(self._thread)
             self._thread = None
         self._frames.close()
         for seg in self.segments:

@@ -25,7 +25,7 @@ from typing import Any
 import mfusepy
 
 from ..errors import ImagechainError, IntegrityError, MountError
-from ..interrupts import STOP_SIGNALS
+from ..interrupts import STOP_SIGNALS, join_started
 from ..view import PointView
 from . import system
 from .state import FSTYPE
@@ -162,5 +162,4 @@ class Server:
             time.sleep(0.02)
 
     def join(self, timeout: float) -> None:
-        if self.thread.ident is not None:
-            self.thread.join(timeout)
+        join_started(self.thread, timeout)

@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 from ..errors import ImagechainError, MountError, UsageError
 from ..format import spec
+from ..interrupts import join_started
 from ..view import Extent
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 10809
@@ -327,8 +328,7 @@ class NbdServer:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
-            with contextlib.suppress(RuntimeError):  # a stop signal inside Thread.start(): maybe never started
-                self._thread.join(5)
+            join_started(self._thread, 5)
         with self._lock:
             conns = list(self._conns.items())
         for conn, _t in conns:

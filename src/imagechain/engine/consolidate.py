@@ -39,6 +39,7 @@ from .verify import verify
 
 COPY_BLOCKS = 128  # payloads copied per read (8 MiB of volume at 64 KiB blocks)
 RETIRED_GRACE_S = 3600  # how long replaced files stay readable for readers that listed them before
+STAMP = "%Y%m%dT%H%M%SZ"  # retired/<time>/: UTC, when the files were moved there
 
 
 @dataclass
@@ -67,7 +68,7 @@ def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = No
     run, first = _run_of(repo, cat, point, from_address)
     ring = keyring or Keyring()
     h = point.header
-    chain = str(h.metadata.get("chain", "default"))
+    chain = chain_of(point)[2]
     me = local_host()
     lock = ChainLock(repo.store, repo.lock_name(h.host_id, h.source_id, chain), me,
                      f"chain {chain!r} of {h.metadata.get('source')} (consolidation)", repo.display)  # fmt: skip
@@ -97,13 +98,10 @@ def consolidate(repo: Repository, point: PointFiles, *, cat: Catalog | None = No
         m = fresh.points.get(merged.point_id)
         if m is None:
             raise ImagechainError(f"the merged point {str(merged.point_id)[:8]} is not readable after publishing")
-        report = verify(repo, m, cat=fresh, keyring=ring)  # its lineage's maps and every payload it holds
-        if not report.ok:
-            problems = [q for p in report.points for q in p.problems] + report.incomplete
-            _withdraw(repo, m)
-            raise ImagechainError(f"the merged point {describe(m)} does not verify ({'; '.join(problems[:2])}); "
-                                  f"it was withdrawn to {RETIRED}/, and the points it was made from stand as "
-                                  f"before")  # fmt: skip
+        why = _withdrawn_unless_sound(repo, m, fresh, ring)
+        if why:
+            raise ImagechainError(f"the merged point {describe(m)} does not verify ({why}); it was withdrawn to "
+                                  f"{RETIRED}/, and the points it was made from stand as before")  # fmt: skip
         retired += retire_replaced(repo, repo.catalog(), chain_of(point), notices, proven={m.point_id},
                                    keyring=ring)[0]  # fmt: skip
     return ConsolidateResult(str(merged.point_id), [str(p.point_id) for p in run], [s.name for s in m.segments],
@@ -158,7 +156,7 @@ def retire_replaced(repo: Repository, cat: Catalog, chain: tuple[bytes, bytes, s
     gone: list[str] = []
     withdrawn: list[PointFiles] = []
     now = time.time()
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    stamp = time.strftime(STAMP, time.gmtime(now))
     sound: dict[uuid.UUID, bool] = {m: True for m in proven}
     replaced = [(o.point_id, [seg.name for seg in o.segments], describe(o)) for o in cat.superseded.values()]
     replaced += [(pid, files, f"the rest of point {str(pid)[:8]}") for pid, files in cat.remnants.items()]
@@ -167,14 +165,12 @@ def retire_replaced(repo: Repository, cat: Catalog, chain: tuple[bytes, bytes, s
         if chain_of(m) != chain:
             continue
         if m.point_id not in sound:
-            report = verify(repo, m, cat=cat, keyring=keyring)
-            sound[m.point_id] = report.ok
-            if not report.ok:
-                _withdraw(repo, m)
+            why = _withdrawn_unless_sound(repo, m, cat, keyring)
+            sound[m.point_id] = not why
+            if why:
                 withdrawn.append(m)
-                problems = [q for p in report.points for q in p.problems] + report.incomplete
-                notices.append(f"withdrew {describe(m)} to {RETIRED}/: the merged point does not verify "
-                               f"({'; '.join(problems[:2])}); the points it was made from stand as before")  # fmt: skip
+                notices.append(f"withdrew {describe(m)} to {RETIRED}/: the merged point does not verify ({why}); "
+                               f"the points it was made from stand as before")  # fmt: skip
         if not sound[m.point_id]:
             continue
         with interrupts.deferred():
@@ -185,7 +181,7 @@ def retire_replaced(repo: Repository, cat: Catalog, chain: tuple[bytes, bytes, s
     for e in list(repo.store.list(RETIRED + "/")):
         when = e.name.split("/")[1]
         try:
-            age = now - calendar.timegm(time.strptime(when, "%Y%m%dT%H%M%SZ"))
+            age = now - calendar.timegm(time.strptime(when, STAMP))
         except ValueError:
             continue  # not ours: left alone
         if age > RETIRED_GRACE_S:
@@ -193,14 +189,19 @@ def retire_replaced(repo: Repository, cat: Catalog, chain: tuple[bytes, bytes, s
     return gone, withdrawn
 
 
-def _withdraw(repo: Repository, m: PointFiles) -> None:
-    """Take a merged point that does not verify out of the repository, into retired/<time>/ (kept there for
-    a look until the grace period ends). Its last segment, which holds the footer, goes first: from then on
-    the point does not exist, and the catalog shows the points it replaced again."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+def _withdrawn_unless_sound(repo: Repository, m: PointFiles, cat: Catalog, keyring: Keyring | None) -> str:
+    """Verify merged point m (its lineage's maps and every payload it holds). One that fails is taken out of
+    the repository into retired/<time>/ (kept there for a look until the grace period ends), its last
+    segment, which holds the footer, first: from then on the point does not exist, and the catalog shows
+    the points it replaced again. Returns why it failed, "" when it is sound."""
+    report = verify(repo, m, cat=cat, keyring=keyring)
+    if report.ok:
+        return ""
+    stamp = time.strftime(STAMP, time.gmtime())
     with interrupts.deferred():
         for seg in reversed(m.segments):
             repo.store.rename(seg.name, f"{RETIRED}/{stamp}/{seg.name}")
+    return "; ".join(([q for p in report.points for q in p.problems] + report.incomplete)[:2])
 
 
 def _key_table(run: list[PointFiles]) -> tuple[list[tuple[uuid.UUID, bytes]], np.ndarray]:

@@ -66,8 +66,8 @@ def replicate(src: Repository, dst: Repository, *, chains: tuple[str, ...] = (),
             res.skipped += 1
             continue
         h = p.header
-        chain = chain_name(p)
-        lock = ChainLock(dst.store, dst.lock_name(h.host_id, h.source_id, chain), me,
+        host_id, source_id, chain = chain_of(p)  # the lock consolidation and backups take there
+        lock = ChainLock(dst.store, dst.lock_name(host_id, source_id, chain), me,
                          f"chain {chain!r} of {h.metadata.get('source')} (replication)", dst.display)  # fmt: skip
         with lock:
             res.notices += lock.notices
